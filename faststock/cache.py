@@ -1,0 +1,216 @@
+"""Redis as a read-through cache that can never make an answer wrong or slow.
+
+Entries are stored as `b"<version>|<stock>|<json>"`: the JSON is served as-is on a hit (no
+re-serialisation), the stock endpoint is answered from the header without parsing JSON, and the
+version lets every write into Redis be a compare-and-set, so an older row never replaces a newer
+one whatever order readers and writers reach Redis in. A list page is stored as the ids it holds
+and assembled from the per-product entries in the same Lua call, so a list can never show older
+stock than the product endpoint.
+
+Redis trouble of any kind turns into `BYPASS`: the request goes to PostgreSQL and succeeds. The
+client has short socket timeouts and no retries, because redis-py's defaults retry with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import redis
+from flask import Flask, current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .config import Config
+
+log = logging.getLogger("faststock.cache")
+
+HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
+
+# Bump when the stored format changes, so a rolling deploy never misreads the old one.
+PREFIX = "fs1:"
+PRODUCT_PREFIX = PREFIX + "p:"
+MISSING = b"0|"
+NEGATIVE_TTL_SECONDS = 5
+
+# KEYS[1]: a page key (or any key when ARGV[2] is empty); KEYS[2..n]: product keys.
+# ARGV[1]: TTL in ms; ARGV[2]: the page value or ""; then a version and a value per product key.
+# A product value is written only if no newer version is stored.
+_FILL = """
+local ttl = ARGV[1]
+local stored = 0
+for i = 2, #KEYS do
+  local version = tonumber(ARGV[i * 2 - 1])
+  local current = redis.call('GET', KEYS[i])
+  local newer = false
+  if current then
+    local v = tonumber(string.match(current, '^(%d+)|'))
+    newer = v ~= nil and v > version
+  end
+  if not newer then
+    redis.call('SET', KEYS[i], ARGV[i * 2], 'PX', ttl)
+    stored = stored + 1
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+end
+return stored
+"""
+
+# KEYS[1]: a page key. Returns nil on a miss, else the page value then each product entry.
+_PAGE = """
+local page = redis.call('GET', KEYS[1])
+if not page then return nil end
+local keys = {}
+for id in string.gmatch(string.match(page, '|(.*)$'), '%d+') do
+  keys[#keys + 1] = ARGV[1] .. id
+end
+if #keys == 0 then return {page} end
+local entries = redis.call('MGET', unpack(keys))
+table.insert(entries, 1, page)
+return entries
+"""
+
+
+def product_key(product_id: int) -> str:
+    return f"{PRODUCT_PREFIX}{product_id}"
+
+
+def page_key(page: int, limit: int) -> str:
+    return f"{PREFIX}l:{page}:{limit}"
+
+
+def encode_entry(version: int, stock: int, body: bytes) -> bytes:
+    return b"%d|%d|%s" % (version, stock, body)
+
+
+def decode_entry(raw: bytes) -> tuple[int, int, bytes] | None:
+    """(version, stock, json) or None for a remembered absence."""
+    if raw == MISSING:
+        return None
+    version, stock, body = raw.split(b"|", 2)
+    return int(version), int(stock), body
+
+
+def encode_page(ids: Sequence[int], has_next: bool) -> bytes:
+    return b"%d|%s" % (has_next, b",".join(b"%d" % i for i in ids))
+
+
+def decode_page(raw: bytes) -> tuple[list[int], bool]:
+    has_next, ids = raw.split(b"|", 1)
+    return ([int(i) for i in ids.split(b",")] if ids else []), has_next == b"1"
+
+
+class Cache:
+    """Redis access for one process; every method degrades to BYPASS instead of raising."""
+
+    def __init__(self, config: Config) -> None:
+        timeout = config.redis_timeout_ms / 1000
+        self.ttl_seconds = config.cache_ttl_seconds
+        self.pool = redis.BlockingConnectionPool.from_url(
+            config.redis_url,
+            max_connections=64,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self.client = redis.Redis(connection_pool=self.pool)
+        self._fill = self.client.register_script(_FILL)
+        self._page = self.client.register_script(_PAGE)
+        self._healthy = True
+
+    def _ok(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            log.warning("Redis answers again")
+
+    def _failed(self, exc: Exception) -> None:
+        if self._healthy:
+            self._healthy = False
+            log.warning("Redis unavailable, serving from PostgreSQL: %s", exc)
+
+    def _ttl_ms(self, seconds: float) -> int:
+        """TTL with ±10% jitter, so keys filled together do not all expire together."""
+        return max(1, int(seconds * 1000 * random.uniform(0.9, 1.1)))
+
+    def get(self, key: str) -> tuple[str, bytes | None]:
+        try:
+            raw = self.client.get(key)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return BYPASS, None
+        self._ok()
+        return (MISS, None) if raw is None else (HIT, raw)
+
+    def get_page(self, page: int, limit: int) -> tuple[str, bytes | None, list[bytes | None]]:
+        """The page's stored value and the current entry of each product on it."""
+        try:
+            reply = self._page(keys=[page_key(page, limit)], args=[PRODUCT_PREFIX])
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return BYPASS, None, []
+        self._ok()
+        if reply is None:
+            return MISS, None, []
+        return HIT, reply[0], reply[1:]
+
+    def fill(
+        self,
+        entries: Sequence[tuple[int, int, bytes]],
+        *,
+        page: tuple[int, int, bytes] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> bool:
+        """Store (product id, version, entry) triples, each only if not older than what is there.
+
+        Used by readers after a miss and by writers after commit alike: the compare-and-set is
+        what makes their races harmless. Returns False when Redis could not be told.
+        """
+        keys = [page_key(page[0], page[1]) if page else PRODUCT_PREFIX]
+        ttl_ms = self._ttl_ms(ttl_seconds or self.ttl_seconds)
+        args: list[object] = [ttl_ms, page[2] if page else b""]
+        for product_id, version, raw in entries:
+            keys.append(product_key(product_id))
+            args += [version, raw]
+        try:
+            self._fill(keys=keys, args=args)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return False
+        self._ok()
+        return True
+
+    def remember_missing(self, product_id: int) -> None:
+        """A short-lived absence marker, so a flood of 404s does not reach PostgreSQL."""
+        self.fill([(product_id, 0, MISSING)], ttl_seconds=NEGATIVE_TTL_SECONDS)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def clear(self) -> int:
+        """Remove every FastStock key (after a re-seed); returns how many were removed."""
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=PREFIX + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            removed += self.client.unlink(*batch)
+        return removed
+
+
+def get_cache(app: Flask | None = None) -> Cache:
+    return (app or current_app).extensions["faststock.cache"]
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["faststock.cache"] = Cache(app.config["FASTSTOCK"])

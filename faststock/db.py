@@ -1,0 +1,255 @@
+"""PostgreSQL access: a bounded, gevent-aware connection pool scoped to the request.
+
+psycopg2's own pools raise `PoolError` the moment every connection is busy, which under a burst
+of greenlets turns into 500s; this pool makes a request wait up to `DB_POOL_TIMEOUT` for a free
+connection and then answers 503. It is built on `threading.Condition`, which gevent's monkey
+patching makes cooperative, so the same code is correct under gunicorn's gevent workers and under
+plain threads (tests, the CLI). Nothing connects until the first request, so a pool is always born
+in the worker process, never in gunicorn's master.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+
+import click
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from flask import Flask, current_app, g
+
+from .config import Config
+from .errors import Unavailable
+
+log = logging.getLogger("faststock.db")
+
+Cursor = psycopg2.extensions.cursor
+
+
+class PoolTimeout(Exception):
+    """Every connection stayed busy for the whole wait."""
+
+
+def make_cooperative() -> bool:
+    """Route libpq's waits through gevent when gevent has patched the process.
+
+    Without this every query blocks the whole worker's event loop: one slow query stalls
+    hundreds of concurrent requests. Returns whether the green wait callback is installed.
+    """
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    if not monkey.is_module_patched("socket"):
+        return False
+    if psycopg2.extensions.get_wait_callback() is None:
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+    return True
+
+
+def connect(
+    dsn: str, *, statement_timeout_ms: int, timeout: float
+) -> psycopg2.extensions.connection:
+    """Open one connection, giving up after `timeout` seconds.
+
+    libpq's `connect_timeout` is ignored once psycogreen drives the connection asynchronously, so
+    under gevent the bound comes from a gevent.Timeout instead.
+    """
+    options = (
+        f"-c statement_timeout={statement_timeout_ms} -c idle_in_transaction_session_timeout=60000"
+    )
+    kwargs = {
+        "connect_timeout": max(2, math.ceil(timeout)),
+        "options": options,
+        "application_name": "faststock",
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    if psycopg2.extensions.get_wait_callback() is not None:
+        import gevent
+
+        with gevent.Timeout(timeout, PoolTimeout("connecting to PostgreSQL timed out")):
+            conn = psycopg2.connect(dsn, **kwargs)
+    else:
+        conn = psycopg2.connect(dsn, **kwargs)
+    conn.autocommit = True
+    return conn
+
+
+class Pool:
+    """At most `size` connections per process; `acquire` waits up to `timeout` for one."""
+
+    def __init__(self, dsn: str, size: int, timeout: float, statement_timeout_ms: int) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.timeout = timeout
+        self.statement_timeout_ms = statement_timeout_ms
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._open = 0
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    def acquire(self) -> psycopg2.extensions.connection:
+        if self._pid != os.getpid():
+            self._reset()
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while not self._idle and self._open >= self.size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PoolTimeout(f"no database connection free within {self.timeout:g}s")
+                self._cond.wait(remaining)
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+        try:
+            return connect(
+                self.dsn,
+                statement_timeout_ms=self.statement_timeout_ms,
+                timeout=max(deadline - time.monotonic(), 0.5),
+            )
+        except BaseException:
+            self._forget()
+            raise
+
+    def release(self, conn: psycopg2.extensions.connection, *, discard: bool = False) -> None:
+        """Return `conn`, or close it if it failed, is closed or was left inside a transaction."""
+        if self._pid != os.getpid():
+            return
+        idle = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        if discard or conn.closed or conn.info.transaction_status != idle:
+            try:
+                conn.close()
+            finally:
+                self._forget()
+            return
+        with self._cond:
+            self._idle.append(conn)
+            self._cond.notify()
+
+    def _forget(self) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+        for conn in idle:
+            conn.close()
+
+
+def get_pool(app: Flask | None = None) -> Pool:
+    return (app or current_app).extensions["faststock.db"]
+
+
+def _request_connection() -> psycopg2.extensions.connection:
+    conn = g.get("_db_conn")
+    if conn is None:
+        try:
+            conn = get_pool().acquire()
+        except PoolTimeout as exc:
+            raise Unavailable(str(exc)) from None
+        except psycopg2.OperationalError as exc:
+            log.warning("cannot connect to PostgreSQL: %s", str(exc).strip())
+            raise Unavailable("database unavailable") from None
+        g._db_conn = conn
+    return conn
+
+
+def _translate(exc: psycopg2.Error) -> BaseException:
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return Unavailable("database query timed out")
+    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        log.warning("PostgreSQL error: %s", str(exc).strip())
+        return Unavailable("database unavailable")
+    return exc
+
+
+@contextmanager
+def cursor() -> Iterator[Cursor]:
+    """A cursor on the request's connection, in autocommit: a read costs one round trip."""
+    conn = _request_connection()
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    except psycopg2.Error as exc:
+        g._db_broken = True
+        raise _translate(exc) from exc
+    except BaseException:
+        g._db_broken = True
+        raise
+
+
+@contextmanager
+def transaction() -> Iterator[Cursor]:
+    """One transaction on the request's connection: committed when the block ends normally.
+
+    Any exception rolls back by discarding the connection, which also guarantees a connection
+    that raised is never handed to another request.
+    """
+    with cursor() as cur:
+        cur.execute("BEGIN")
+        yield cur
+        cur.execute("COMMIT")
+
+
+def _teardown(exc: BaseException | None) -> None:
+    conn = g.pop("_db_conn", None)
+    if conn is not None:
+        broken = g.pop("_db_broken", False) or exc is not None
+        get_pool().release(conn, discard=broken)
+
+
+@click.command("init-db")
+def init_db_command() -> None:
+    """Create the schema; safe to run again, data is kept."""
+    config: Config = current_app.config["FASTSTOCK"]
+    init_db(config)
+    click.echo("schema ready")
+
+
+def init_db(config: Config) -> None:
+    schema = resources.files("faststock").joinpath("schema.sql").read_text()
+    conn = connect(config.database_url, statement_timeout_ms=0, timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(74119)")
+            try:
+                cur.execute(schema)
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(74119)")
+    finally:
+        conn.close()
+
+
+def init_app(app: Flask) -> None:
+    config: Config = app.config["FASTSTOCK"]
+    make_cooperative()
+    app.extensions["faststock.db"] = Pool(
+        config.database_url,
+        size=config.db_pool_size,
+        timeout=config.db_pool_timeout,
+        statement_timeout_ms=config.db_statement_timeout_ms,
+    )
+    app.teardown_appcontext(_teardown)
+    app.cli.add_command(init_db_command)

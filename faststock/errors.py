@@ -1,0 +1,93 @@
+"""One shape for every error: `{"error": code, "message": text}` with the right status.
+
+Clients of a stock API retry and branch on the error code, so no path — Flask's own 404/405, a
+body that is too large, an exception nobody expected — may answer with HTML or a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("faststock")
+
+CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable_entity",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An answer the client should get as JSON; `extra` adds fields beside error and message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+class Unavailable(ApiError):
+    """A dependency cannot serve this request now; `Retry-After` tells clients when to come back."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(503, "unavailable", message, headers={"Retry-After": str(retry_after)})
+
+
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Response:
+    body = {"error": code, "message": message, **(extra or {})}
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _handle_api_error(error: ApiError) -> Response:
+    return json_error(error.status, error.code, error.message, error.headers, error.extra)
+
+
+def _handle_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    if status >= 500:
+        return _handle_unexpected(error)
+    code = CODES.get(status, "bad_request")
+    message = (error.description or error.name or code).strip()
+    headers = {k: v for k, v in error.get_headers() if k.lower() in ("allow", "retry-after")}
+    return json_error(status, code, message, headers)
+
+
+def _handle_unexpected(error: BaseException) -> Response:
+    log.error("unhandled error (request %s)", g.get("request_id", "-"), exc_info=error)
+    return json_error(500, "internal", "internal server error")
+
+
+def init_app(app: Flask) -> None:
+    app.register_error_handler(ApiError, _handle_api_error)
+    app.register_error_handler(HTTPException, _handle_http_exception)
+    app.register_error_handler(Exception, _handle_unexpected)

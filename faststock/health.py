@@ -1,0 +1,41 @@
+"""Liveness and readiness for load balancers and orchestrators.
+
+`/healthz` touches nothing, so a slow database never gets a healthy worker killed; `/readyz`
+needs PostgreSQL (without it no write can succeed) and only reports Redis, which is optional.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from . import db, queries
+from .cache import get_cache
+from .errors import ApiError, json_error
+
+bp = Blueprint("health", __name__)
+
+
+def _ok(body: bytes) -> Response:
+    return Response(body, mimetype="application/json")
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return _ok(b'{"status":"ok"}')
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    redis_state = "ok" if get_cache().ping() else "unavailable"
+    try:
+        with db.cursor() as cur:
+            queries.ping(cur)
+    except ApiError as exc:
+        return json_error(
+            503,
+            "unavailable",
+            f"PostgreSQL is not answering: {exc.message}",
+            {"Retry-After": "1"},
+            {"postgres": "unavailable", "redis": redis_state},
+        )
+    return _ok(b'{"status":"ok","postgres":"ok","redis":"%s"}' % redis_state.encode())

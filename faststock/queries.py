@@ -1,0 +1,88 @@
+"""Every SQL statement the service runs, each named for what it does.
+
+Parametrised only: values never reach SQL text. Rows come back as tuples in `PRODUCT_COLUMNS`
+order; the price is rendered by PostgreSQL as text so it keeps exactly its two decimals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg2.extensions import cursor as Cursor
+
+PRODUCT_COLUMNS = "id, name, price::text, stock, version, updated_at"
+
+ProductRow = tuple[int, str, str, int, int, Any]
+
+
+def ping(cur: Cursor) -> None:
+    cur.execute("SELECT 1")
+    cur.fetchone()
+
+
+def fetch_product(cur: Cursor, product_id: int) -> ProductRow | None:
+    cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = %s", (product_id,))
+    return cur.fetchone()
+
+
+def fetch_products(cur: Cursor, ids: Sequence[int]) -> list[ProductRow]:
+    cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(%s)", (list(ids),))
+    return cur.fetchall()
+
+
+def fetch_page(cur: Cursor, limit: int, offset: int) -> list[ProductRow]:
+    cur.execute(
+        f"SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id LIMIT %s OFFSET %s", (limit, offset)
+    )
+    return cur.fetchall()
+
+
+def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
+    cur.execute(
+        f"UPDATE products SET stock = %s, version = version + 1, updated_at = now() "
+        f"WHERE id = %s RETURNING {PRODUCT_COLUMNS}",
+        (stock, product_id),
+    )
+    return cur.fetchone()
+
+
+def count_products(cur: Cursor) -> int:
+    cur.execute("SELECT count(*) FROM products")
+    return cur.fetchone()[0]
+
+
+def lock_products(cur: Cursor) -> None:
+    """Serialises seeders: two concurrent `seed` runs must not both insert the same ids."""
+    cur.execute("LOCK TABLE products IN SHARE ROW EXCLUSIVE MODE")
+
+
+def truncate_products(cur: Cursor) -> None:
+    cur.execute("TRUNCATE products RESTART IDENTITY")
+
+
+def create_seed_staging(cur: Cursor) -> None:
+    cur.execute("CREATE TEMP TABLE seed_products (LIKE products INCLUDING DEFAULTS) ON COMMIT DROP")
+
+
+def copy_products(cur: Cursor, data: Any, table: str = "products") -> None:
+    """COPY rows of `id, name, price, stock` (tab-separated text) into `table`."""
+    if table not in ("products", "seed_products"):
+        raise ValueError(table)
+    cur.copy_expert(f"COPY {table} (id, name, price, stock) FROM STDIN", data)
+
+
+def merge_seed_staging(cur: Cursor) -> int:
+    cur.execute(
+        "INSERT INTO products (id, name, price, stock) "
+        "SELECT id, name, price, stock FROM seed_products ON CONFLICT (id) DO NOTHING"
+    )
+    return cur.rowcount
+
+
+def sync_id_sequence(cur: Cursor) -> None:
+    """Explicit ids bypass the identity sequence; move it past them so later inserts don't clash."""
+    cur.execute(
+        "SELECT setval(pg_get_serial_sequence('products', 'id'), "
+        "GREATEST((SELECT max(id) FROM products), 1))"
+    )

@@ -1,0 +1,114 @@
+"""Turning what a client sent into checked values, or a 4xx `ApiError` before any I/O.
+
+Pure functions of their input, so they are unit-tested without a server; everything a client can
+send must come out either as a value in range or as a clear 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from werkzeug.datastructures import MultiDict
+
+from .errors import ApiError
+
+BIGINT_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_LIMIT = 100
+DEFAULT_LIMIT = 10
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def _parse_positive(raw: str, what: str, maximum: int) -> int:
+    digits = raw.lstrip("0")
+    if not raw.isascii() or not raw.isdigit() or not digits or len(digits) > 19:
+        raise bad_request(f"{what} must be a whole number from 1 to {maximum}")
+    value = int(digits)
+    if value > maximum:
+        raise bad_request(f"{what} must be a whole number from 1 to {maximum}")
+    return value
+
+
+def parse_id(raw: str) -> int:
+    """A product id: a decimal integer 1..2^63-1 (PostgreSQL bigint), nothing else."""
+    return _parse_positive(raw, "product id", BIGINT_MAX)
+
+
+def _single(args: MultiDict[str, str], name: str) -> str | None:
+    values = args.getlist(name)
+    if len(values) > 1:
+        raise bad_request(f"{name} must be given at most once")
+    return values[0] if values else None
+
+
+def parse_page_args(args: MultiDict[str, str]) -> tuple[int, int]:
+    """(page, limit): limit 1..100, page from 1 while (page - 1) * limit still fits a bigint."""
+    raw_limit = _single(args, "limit")
+    limit = DEFAULT_LIMIT if raw_limit is None else _parse_positive(raw_limit, "limit", MAX_LIMIT)
+    max_page = BIGINT_MAX // limit + 1
+    raw_page = _single(args, "page")
+    page = 1 if raw_page is None else _parse_positive(raw_page, "page", max_page)
+    return page, limit
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _Invalid("duplicate keys in JSON object")
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise _Invalid(f"{name} is not valid JSON")
+
+
+def is_json_mimetype(mimetype: str) -> bool:
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+
+
+def parse_json_object(mimetype: str, data: bytes) -> dict[str, Any]:
+    """A JSON object from a request body: strict UTF-8, no NaN/Infinity, no duplicate keys.
+
+    Duplicate keys are refused rather than resolved, because proxies and this service could
+    otherwise disagree about which value a request meant.
+    """
+    if not is_json_mimetype(mimetype):
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    if not data:
+        raise bad_request("the request body must be a JSON object")
+    try:
+        value = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
+    except _Invalid as exc:
+        raise bad_request(str(exc)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad_request("the request body is not valid UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise bad_request("the request body must be a JSON object")
+    return value
+
+
+def require_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    """An integer field in [low, high]; booleans, floats, strings and null are refused."""
+    value = body.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise bad_request(f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def parse_set_stock(body: Mapping[str, Any]) -> int:
+    if "stock" not in body:
+        raise bad_request("stock is required")
+    return require_int(body, "stock", 0, INT32_MAX)

@@ -1,0 +1,203 @@
+# shellcheck shell=bash
+# Shared by scripts/up, scripts/test, scripts/bench and scripts/servers: installs what the project
+# needs and starts/stops throwaway PostgreSQL and Redis servers. Source it; it defines functions only.
+
+FS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+FS_VENV="$FS_ROOT/.venv"
+FS_RUN="$FS_ROOT/.run"
+
+fs_log() { printf '[faststock] %s\n' "$*" >&2; }
+fs_die() { fs_log "error: $*"; exit 1; }
+
+fs_sudo() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else fs_die "need root or sudo to run: $*"; fi
+}
+
+fs_apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  fs_log "installing $* with apt-get"
+  if [ -z "${FS_APT_UPDATED:-}" ]; then
+    fs_sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || return 1
+    FS_APT_UPDATED=1
+  fi
+  fs_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+fs_brew_install() {
+  command -v brew >/dev/null 2>&1 || return 1
+  fs_log "installing $* with Homebrew"
+  brew install "$@" >&2
+}
+
+# fs_ensure_venv [dev]: .venv with requirements.txt (and requirements-dev.txt for "dev"), reinstalled
+# only when a requirements file changed since the last install.
+fs_ensure_venv() {
+  local files=("$FS_ROOT/requirements.txt") stamp want py
+  [ "${1:-}" = dev ] && files+=("$FS_ROOT/requirements-dev.txt")
+  py=${PYTHON:-$(command -v python3)} ||
+    fs_die "python3 (3.11 or newer) is needed"
+  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fs_die "$py is older than Python 3.11"
+  if [ ! -x "$FS_VENV/bin/python" ]; then
+    fs_log "creating $FS_VENV"
+    "$py" -m venv "$FS_VENV" || {
+      fs_apt_install python3-venv && "$py" -m venv "$FS_VENV"
+    } || fs_die "could not create a virtualenv with $py"
+  fi
+  want=$(cat "${files[@]}" | cksum)
+  stamp="$FS_VENV/.faststock-installed"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    fs_log "installing Python packages into $FS_VENV"
+    "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+    local args=() f
+    for f in "${files[@]}"; do args+=(-r "$f"); done
+    "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check "${args[@]}" >&2 ||
+      fs_die "pip install failed"
+    echo "$want" >"$stamp"
+  fi
+  export PATH="$FS_VENV/bin:$PATH"
+}
+
+fs_find_pg_bin() {
+  local d
+  if command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then
+    d=$(dirname "$(readlink -f "$(command -v pg_ctl)")")
+    [ -x "$d/initdb" ] && [ -x "$d/psql" ] && { echo "$d"; return 0; }
+  fi
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r) \
+    /opt/homebrew/opt/postgresql@*/bin /usr/local/opt/postgresql@*/bin; do
+    [ -x "$d/pg_ctl" ] && [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+
+# fs_ensure_pg: sets FS_PG_BIN to a directory holding initdb and pg_ctl, installing them if needed.
+fs_ensure_pg() {
+  FS_PG_BIN=$(fs_find_pg_bin) || {
+    fs_apt_install postgresql postgresql-contrib || fs_brew_install postgresql@16 ||
+      fs_die "PostgreSQL is missing and neither apt-get nor brew could install it"
+    FS_PG_BIN=$(fs_find_pg_bin) || fs_die "PostgreSQL installed but initdb/pg_ctl not found"
+  }
+  export FS_PG_BIN
+}
+
+# fs_ensure_redis: sets FS_REDIS_SERVER, installing Redis if needed.
+fs_ensure_redis() {
+  FS_REDIS_SERVER=$(command -v redis-server) || {
+    fs_apt_install redis-server || fs_brew_install redis ||
+      fs_die "redis-server is missing and neither apt-get nor brew could install it"
+    FS_REDIS_SERVER=$(command -v redis-server) || fs_die "redis-server installed but not on PATH"
+  }
+  export FS_REDIS_SERVER
+}
+
+fs_free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# PostgreSQL refuses to run as root; as root we run it as an unprivileged account.
+fs_pg_user() {
+  [ "$(id -u)" = 0 ] || { id -un; return 0; }
+  if id postgres >/dev/null 2>&1; then echo postgres; return 0; fi
+  id faststock >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin faststock
+  echo faststock
+}
+
+fs_as_pg_user() {
+  if [ "$(id -u)" = 0 ]; then runuser -u "$(fs_pg_user)" -- "$@"; else "$@"; fi
+}
+
+# The data directory for a server kept in DIR: DIR/data, unless the unprivileged account cannot reach
+# DIR (a checkout under /root, say); then a private directory under /tmp, recorded in DIR/datadir.
+fs_pg_datadir() {
+  local dir=$1 user
+  if [ -f "$dir/datadir" ]; then cat "$dir/datadir"; return 0; fi
+  mkdir -p "$dir"
+  if [ "$(id -u)" != 0 ]; then echo "$dir/data"; return 0; fi
+  user=$(fs_pg_user)
+  mkdir -p "$dir/data" && chown "$user" "$dir/data" && chmod 700 "$dir/data"
+  if runuser -u "$user" -- test -w "$dir/data"; then
+    echo "$dir/data"
+  else
+    rmdir "$dir/data"
+    local tmp
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/faststock-pg.XXXXXX") && chown "$user" "$tmp"
+    echo "$tmp" >"$dir/datadir"
+    echo "$tmp"
+  fi
+}
+
+# fs_pg_start DIR PORT: a throwaway cluster in DIR listening on 127.0.0.1:PORT with a "faststock"
+# superuser and database (trust auth: it only listens on loopback). FS_PG_FAST=1 turns off fsync.
+fs_pg_start() {
+  local dir=$1 port=$2 data opts
+  [ -n "${FS_PG_BIN:-}" ] || fs_ensure_pg
+  data=$(fs_pg_datadir "$dir")
+  if [ ! -f "$data/PG_VERSION" ]; then
+    fs_as_pg_user "$FS_PG_BIN/initdb" -D "$data" -U faststock --auth=trust -E UTF8 --no-locale \
+      >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; fs_die "initdb failed"; }
+  fi
+  opts="-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='' -c max_connections=300"
+  if [ "${FS_PG_FAST:-0}" = 1 ]; then
+    opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  fi
+  fs_as_pg_user "$FS_PG_BIN/pg_ctl" -D "$data" -o "$opts" -l "$data/server.log" -w -t 60 start >/dev/null ||
+    { tail -n 20 "$data/server.log" >&2; fs_die "PostgreSQL did not start"; }
+  echo "$port" >"$dir/port"
+  "$FS_PG_BIN/psql" -h 127.0.0.1 -p "$port" -U faststock -d postgres -tAq \
+    -c "SELECT 1 FROM pg_database WHERE datname = 'faststock'" | grep -q 1 ||
+    "$FS_PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U faststock faststock
+}
+
+fs_pg_stop() {
+  local dir=$1 data
+  [ -d "$dir" ] || return 0
+  [ -n "${FS_PG_BIN:-}" ] || FS_PG_BIN=$(fs_find_pg_bin) || return 0
+  data=$(fs_pg_datadir "$dir")
+  [ -f "$data/postmaster.pid" ] || return 0
+  fs_as_pg_user "$FS_PG_BIN/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+}
+
+# fs_pg_destroy DIR: stop the server and remove its files, wherever they live.
+fs_pg_destroy() {
+  local dir=$1
+  fs_pg_stop "$dir"
+  [ -f "$dir/datadir" ] && rm -rf "$(cat "$dir/datadir")"
+  rm -rf "$dir"
+}
+
+# fs_redis_start DIR PORT: a throwaway, non-persistent Redis on 127.0.0.1:PORT.
+fs_redis_start() {
+  local dir=$1 port=$2 i
+  [ -n "${FS_REDIS_SERVER:-}" ] || fs_ensure_redis
+  mkdir -p "$dir"
+  "$FS_REDIS_SERVER" --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" --maxclients 10000 ||
+    fs_die "redis-server did not start"
+  echo "$port" >"$dir/port"
+  for i in $(seq 1 200); do
+    if python3 - "$port" <<'PY' 2>/dev/null; then return 0; fi
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
+s.sendall(b"PING\r\n")
+sys.exit(0 if s.recv(16).startswith(b"+PONG") else 1)
+PY
+    sleep 0.05
+  done
+  fs_die "Redis on port $port did not answer"
+}
+
+fs_redis_stop() {
+  local dir=$1 pid i
+  [ -f "$dir/redis.pid" ] || return 0
+  pid=$(cat "$dir/redis.pid")
+  kill -CONT "$pid" 2>/dev/null || true
+  kill -TERM "$pid" 2>/dev/null || { rm -f "$dir/redis.pid"; return 0; }
+  for i in $(seq 1 200); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$dir/redis.pid"
+}

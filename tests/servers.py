@@ -1,0 +1,191 @@
+"""Throwaway PostgreSQL, Redis and gunicorn processes for the suite, driven like an operator would.
+
+PostgreSQL and Redis are started through `scripts/servers` (the same shell code `scripts/up` uses),
+so the suite also exercises the set-up users run. Fault tests stop, pause (SIGSTOP) and restart
+their own private instances, never the shared ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ROOT / "scripts" / "servers"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _servers(*args: object, env: Mapping[str, str] | None = None) -> None:
+    subprocess.run(
+        [str(SERVERS), *map(str, args)],
+        check=True,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return int((self.dir / "redis.pid").read_text())
+
+    def start(self) -> RedisServer:
+        _servers("redis-start", self.dir, self.port)
+        return self
+
+    def stop(self) -> None:
+        _servers("redis-stop", self.dir)
+
+    def pause(self) -> None:
+        """Freeze the process: connections stay open but nothing answers, like a partition."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+class PgServer:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://faststock@127.0.0.1:{self.port}/faststock"
+
+    def start(self, fast: bool = True) -> PgServer:
+        _servers("pg-start", self.dir, self.port, env={"FS_PG_FAST": "1" if fast else "0"})
+        return self
+
+    def stop(self) -> None:
+        _servers("pg-stop", self.dir)
+
+    def destroy(self) -> None:
+        _servers("pg-destroy", self.dir)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (gunicorn's workers), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """Remote ports of the TCP connections process `pid` holds open."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
+                ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class LiveServer:
+    """gunicorn with gevent workers from gunicorn.conf.py, as production runs it."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": "2",
+            "LOG_LEVEL": "WARNING",
+            **env,
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def start(self, timeout: float = 30) -> LiveServer:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        workers = int(self.env["WEB_CONCURRENCY"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.log()}")
+            try:
+                ok = requests.get(self.url("/healthz"), timeout=1).status_code == 200
+            except requests.RequestException:
+                ok = False
+            if ok and len(children(self.proc.pid)) >= workers:
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def workers(self) -> list[int]:
+        assert self.proc is not None
+        return children(self.proc.pid)
+
+    def stop(self, timeout: float = 40) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
