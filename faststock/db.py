@@ -24,6 +24,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 from flask import Flask, current_app, g
+from flask.cli import with_appcontext
 
 from .config import Config
 from .errors import Unavailable
@@ -221,6 +222,7 @@ def _teardown(exc: BaseException | None) -> None:
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command() -> None:
     """Create the schema; safe to run again, data is kept."""
     config: Config = current_app.config["FASTSTOCK"]

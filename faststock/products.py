@@ -102,8 +102,9 @@ def _json(body: bytes, cache_state: str | None = None, status: int = 200) -> Res
     return response
 
 
-def _not_found(product_id: int) -> ApiError:
-    return ApiError(404, "not_found", f"product {product_id} does not exist")
+def _not_found(product_id: int, cache_state: str | None = None) -> ApiError:
+    headers = {"X-Cache": cache_state} if cache_state else None
+    return ApiError(404, "not_found", f"product {product_id} does not exist", headers=headers)
 
 
 def _flight_timeout() -> float:
@@ -136,7 +137,7 @@ def _product_entry(product_id: int, endpoint: str) -> tuple[tuple[int, int, byte
     count_cache(endpoint, state)
     entry = decode_entry(raw) if raw is not None else None
     if entry is None:
-        raise _not_found(product_id)
+        raise _not_found(product_id, state)
     return entry, state
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from . import queries
 from .cache import Cache
@@ -70,6 +71,7 @@ def seed(config: Config, products: int, *, reset: bool = False, if_empty: bool =
 
 
 @click.command("seed")
+@with_appcontext
 @click.option("--products", default=10_000, show_default=True, type=click.IntRange(0, 100_000_000))
 @click.option("--reset", is_flag=True, help="Delete every product first.")
 @click.option("--if-empty", is_flag=True, help="Do nothing unless the table is empty.")

@@ -4,7 +4,7 @@
 
 FS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FS_VENV="$FS_ROOT/.venv"
-FS_RUN="$FS_ROOT/.run"
+FS_RUN="${FS_RUN:-$FS_ROOT/.run}"
 
 fs_log() { printf '[faststock] %s\n' "$*" >&2; }
 fs_die() { fs_log "error: $*"; exit 1; }
@@ -188,6 +188,13 @@ PY
   fs_die "Redis on port $port did not answer"
 }
 
+# fs_alive PID: running, not merely a zombie waiting for a parent that does not reap it.
+fs_alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || { kill -0 "$1" 2>/dev/null; return; }
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 fs_redis_stop() {
   local dir=$1 pid i
   [ -f "$dir/redis.pid" ] || return 0
@@ -195,7 +202,7 @@ fs_redis_stop() {
   kill -CONT "$pid" 2>/dev/null || true
   kill -TERM "$pid" 2>/dev/null || { rm -f "$dir/redis.pid"; return 0; }
   for i in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || break
+    fs_alive "$pid" || break
     sleep 0.05
   done
   kill -KILL "$pid" 2>/dev/null || true

@@ -163,7 +163,10 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log()}")
             try:
-                ok = requests.get(self.url("/healthz"), timeout=1).status_code == 200
+                response = requests.get(
+                    self.url("/healthz"), timeout=1, headers={"Connection": "close"}
+                )
+                ok = response.status_code == 200
             except requests.RequestException:
                 ok = False
             if ok and len(children(self.proc.pid)) >= workers:

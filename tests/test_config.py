@@ -1,0 +1,82 @@
+"""Configuration is read once, with defaults, and a bad value stops start-up with one line."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from faststock.config import Config, ConfigError
+from tests.servers import BIN, ROOT
+
+
+def test_defaults():
+    config = Config.from_env({})
+    assert config.cache_ttl_seconds == 60
+    assert config.port == 8000
+    assert config.web_concurrency >= 1
+    assert config.log_level == "INFO"
+
+
+def test_reads_every_variable():
+    env = {
+        "DATABASE_URL": "postgresql://u@db:5432/x",
+        "REDIS_URL": "redis://cache:6379/1",
+        "CACHE_TTL_SECONDS": "30",
+        "DB_POOL_SIZE": "4",
+        "DB_POOL_TIMEOUT": "2.5",
+        "DB_STATEMENT_TIMEOUT_MS": "800",
+        "REDIS_TIMEOUT_MS": "50",
+        "PORT": "9000",
+        "WEB_CONCURRENCY": "3",
+        "LOG_LEVEL": "debug",
+    }
+    config = Config.from_env(env)
+    assert config == Config(
+        database_url="postgresql://u@db:5432/x",
+        redis_url="redis://cache:6379/1",
+        cache_ttl_seconds=30,
+        db_pool_size=4,
+        db_pool_timeout=2.5,
+        db_statement_timeout_ms=800,
+        redis_timeout_ms=50,
+        port=9000,
+        web_concurrency=3,
+        log_level="DEBUG",
+    )
+    assert set(config.env_names) == set(env)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PORT", "http", "PORT must be a whole number"),
+        ("PORT", "70000", "PORT must be between 1 and 65535"),
+        ("DB_POOL_SIZE", "0", "DB_POOL_SIZE must be between"),
+        ("DB_POOL_TIMEOUT", "nan", "DB_POOL_TIMEOUT must be a finite number"),
+        ("DB_POOL_TIMEOUT", "soon", "DB_POOL_TIMEOUT must be a number"),
+        ("REDIS_URL", "localhost:6379", "REDIS_URL must be a URL starting with"),
+        ("LOG_LEVEL", "loud", "LOG_LEVEL must be one of"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.from_env({name: value})
+    assert "\n" not in str(info.value)
+
+
+def test_empty_value_means_default():
+    assert Config.from_env({"PORT": ""}).port == 8000
+
+
+def test_flask_cli_reports_bad_config():
+    result = subprocess.run(
+        [str(BIN / "flask"), "--app", "faststock", "init-db"],
+        cwd=ROOT,
+        env={"PATH": str(BIN), "DB_POOL_SIZE": "many"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "DB_POOL_SIZE must be a whole number" in result.stderr
