@@ -17,12 +17,14 @@ import logging
 import random
 from collections.abc import Sequence
 
+import orjson
 import redis
 from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .config import Config
+from .queries import ProductRow
 
 log = logging.getLogger("faststock.cache")
 
@@ -92,6 +94,15 @@ def decode_entry(raw: bytes) -> tuple[int, int, bytes] | None:
         return None
     version, stock, body = raw.split(b"|", 2)
     return int(version), int(stock), body
+
+
+def render(row: ProductRow) -> tuple[int, int, int, bytes]:
+    """(id, version, stock, cache entry) for a row; the JSON inside is what clients receive."""
+    product_id, name, price, stock, version, updated_at = row
+    body = orjson.dumps(
+        {"id": product_id, "name": name, "price": price, "stock": stock, "updated_at": updated_at}
+    )
+    return product_id, version, stock, encode_entry(version, stock, body)
 
 
 def encode_page(ids: Sequence[int], has_next: bool) -> bytes:

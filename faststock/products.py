@@ -10,26 +10,24 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-import orjson
 from flask import Blueprint, Response, request
 
-from . import db, queries
+from . import db, queries, stock
 from .cache import (
-    BYPASS,
     HIT,
     MISS,
     MISSING,
     Cache,
     decode_entry,
     decode_page,
-    encode_entry,
     encode_page,
     get_cache,
     product_key,
+    render,
 )
 from .errors import ApiError, Unavailable
 from .metrics import count_cache
-from .validation import parse_id, parse_json_object, parse_page_args, parse_set_stock
+from .validation import parse_id, parse_json_object, parse_page_args, parse_stock_change
 
 bp = Blueprint("products", __name__, url_prefix="/api/products")
 
@@ -54,6 +52,7 @@ class SingleFlight:
             if leader:
                 call = self._calls[key] = _Call()
         if not leader:
+            call.waiters += 1
             if not call.done.wait(timeout):
                 raise Unavailable("timed out waiting for the database")
             if call.error is not None:
@@ -73,26 +72,23 @@ class SingleFlight:
             call.done.set()
         return call.result
 
+    def waiters(self, key: object) -> int:
+        """How many callers are waiting on the load of `key` now (for tests and debugging)."""
+        call = self._calls.get(key)
+        return 0 if call is None else call.waiters
+
 
 class _Call:
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "result", "waiters")
 
     def __init__(self) -> None:
+        self.waiters = 0
         self.done = threading.Event()
         self.result: object = None
         self.error: ApiError | None = None
 
 
 _flight = SingleFlight()
-
-
-def render(row: queries.ProductRow) -> tuple[int, int, int, bytes]:
-    """(id, version, stock, cache entry) for a row; the JSON inside is what clients receive."""
-    product_id, name, price, stock, version, updated_at = row
-    body = orjson.dumps(
-        {"id": product_id, "name": name, "price": price, "stock": stock, "updated_at": updated_at}
-    )
-    return product_id, version, stock, encode_entry(version, stock, body)
 
 
 def _json(body: bytes, cache_state: str | None = None, status: int = 200) -> Response:
@@ -107,9 +103,16 @@ def _not_found(product_id: int, cache_state: str | None = None) -> ApiError:
     return ApiError(404, "not_found", f"product {product_id} does not exist", headers=headers)
 
 
-def _flight_timeout() -> float:
+def _load(key: object, state: str, load: Callable[[], T]) -> T:
+    """Run a database load after a cache miss, shared with concurrent misses of the same key.
+
+    Only on a MISS: with Redis bypassed, a request could otherwise join a load that read the row
+    before a write it must see had committed; a MISS cannot, because that write is in Redis.
+    """
+    if state != MISS:
+        return load()
     pool = db.get_pool()
-    return pool.timeout + pool.statement_timeout_ms / 1000
+    return _flight.do(key, load, pool.timeout + pool.statement_timeout_ms / 1000)
 
 
 def _load_product(cache: Cache, product_id: int, use_cache: bool) -> bytes | None:
@@ -129,10 +132,8 @@ def _product_entry(product_id: int, endpoint: str) -> tuple[tuple[int, int, byte
     cache = get_cache()
     state, raw = cache.get(product_key(product_id))
     if raw is None:
-        raw = _flight.do(
-            ("p", product_id),
-            lambda: _load_product(cache, product_id, state != BYPASS),
-            _flight_timeout(),
+        raw = _load(
+            ("p", product_id), state, lambda: _load_product(cache, product_id, state == MISS)
         )
     count_cache(endpoint, state)
     entry = decode_entry(raw) if raw is not None else None
@@ -207,7 +208,9 @@ def list_products() -> Response:
     if result is None:
         if state == HIT:
             state = MISS
-        result = _page_from_db(cache, page, limit, state != BYPASS)
+        result = _load(
+            ("l", page, limit), state, lambda: _page_from_db(cache, page, limit, state == MISS)
+        )
     count_cache("list", state)
     items, has_next = result
     next_page = b"%d" % (page + 1) if has_next else b"null"
@@ -224,11 +227,10 @@ def list_products() -> Response:
 def update_stock(raw_id: str) -> Response:
     product_id = parse_id(raw_id)
     body = parse_json_object(request.mimetype, request.get_data(cache=False))
-    stock = parse_set_stock(body)
-    with db.transaction() as cur:
-        row = queries.set_stock(cur, product_id, stock)
-    if row is None:
-        raise _not_found(product_id)
-    _, version, stock, entry = render(row)
-    get_cache().fill([(product_id, version, entry)])
-    return _json(b'{"id":%d,"stock":%d}' % (product_id, stock))
+    change = parse_stock_change(body)
+    key = stock.parse_idempotency_key(request.headers.getlist("Idempotency-Key"))
+    answer = stock.apply(product_id, change, key)
+    response = _json(answer.body, status=answer.status)
+    if answer.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response

@@ -47,6 +47,67 @@ def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
     return cur.fetchone()
 
 
+def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
+    """Atomically add `delta`; no row when the product is absent or the result leaves 0..2^31-1."""
+    cur.execute(
+        f"UPDATE products SET stock = stock + %(delta)s, version = version + 1, updated_at = now() "
+        f"WHERE id = %(id)s AND stock::bigint + %(delta)s BETWEEN 0 AND 2147483647 "
+        f"RETURNING {PRODUCT_COLUMNS}",
+        {"id": product_id, "delta": delta},
+    )
+    return cur.fetchone()
+
+
+def fetch_stock(cur: Cursor, product_id: int) -> int | None:
+    cur.execute("SELECT stock FROM products WHERE id = %s", (product_id,))
+    row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+IDEMPOTENCY_TTL = "24 hours"
+
+
+def claim_idempotency_key(cur: Cursor, key: str, fingerprint: bytes) -> bool:
+    """Reserve `key` for this transaction; False when a live (under 24 h) record already has it.
+
+    A concurrent transaction holding the same key makes this wait until it commits (then False)
+    or rolls back (then True). Each call also deletes a few expired keys, so the table stays
+    bounded without a cron job.
+    """
+    cur.execute(
+        f"""
+        WITH expired AS (
+            DELETE FROM idempotency_keys WHERE key IN (
+                SELECT key FROM idempotency_keys
+                WHERE created_at < now() - interval '{IDEMPOTENCY_TTL}' AND key <> %(key)s
+                ORDER BY created_at LIMIT 20 FOR UPDATE SKIP LOCKED
+            )
+        )
+        INSERT INTO idempotency_keys AS k (key, fingerprint, status, body)
+        VALUES (%(key)s, %(fingerprint)s, 0, '')
+        ON CONFLICT (key) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, status = 0, body = '', created_at = now()
+            WHERE k.created_at < now() - interval '{IDEMPOTENCY_TTL}'
+        RETURNING 1
+        """,
+        {"key": key, "fingerprint": fingerprint},
+    )
+    return cur.fetchone() is not None
+
+
+def fetch_idempotency_record(cur: Cursor, key: str) -> tuple[bytes, int, bytes] | None:
+    """(fingerprint, status, body) stored for `key`."""
+    cur.execute("SELECT fingerprint, status, body FROM idempotency_keys WHERE key = %s", (key,))
+    row = cur.fetchone()
+    return None if row is None else (bytes(row[0]), row[1], bytes(row[2]))
+
+
+def store_idempotent_answer(cur: Cursor, key: str, status: int, body: bytes) -> None:
+    cur.execute(
+        "UPDATE idempotency_keys SET status = %s, body = %s WHERE key = %s", (status, body, key)
+    )
+
+
 def count_products(cur: Cursor) -> int:
     cur.execute("SELECT count(*) FROM products")
     return cur.fetchone()[0]
@@ -58,7 +119,7 @@ def lock_products(cur: Cursor) -> None:
 
 
 def truncate_products(cur: Cursor) -> None:
-    cur.execute("TRUNCATE products RESTART IDENTITY")
+    cur.execute("TRUNCATE products, idempotency_keys RESTART IDENTITY")
 
 
 def create_seed_staging(cur: Cursor) -> None:

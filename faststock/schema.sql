@@ -9,3 +9,14 @@ CREATE TABLE IF NOT EXISTS products (
     -- Bumped by every change; cache entries carry it so an older value never replaces a newer one.
     version    bigint        NOT NULL DEFAULT 1
 );
+
+-- Answers to requests sent with an Idempotency-Key, stored in the same transaction as the change
+-- they describe, so a retry replays the answer instead of applying the change again.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         text        PRIMARY KEY,
+    fingerprint bytea       NOT NULL,
+    status      smallint    NOT NULL,
+    body        bytea       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx ON idempotency_keys (created_at);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from werkzeug.datastructures import MultiDict
@@ -16,8 +17,17 @@ from .errors import ApiError
 
 BIGINT_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class Change:
+    """A stock change: set the stock to `value`, or add `value` to it when `delta` is true."""
+
+    value: int
+    delta: bool
 
 
 def bad_request(message: str) -> ApiError:
@@ -108,7 +118,10 @@ def require_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int:
     return value
 
 
-def parse_set_stock(body: Mapping[str, Any]) -> int:
-    if "stock" not in body:
-        raise bad_request("stock is required")
-    return require_int(body, "stock", 0, INT32_MAX)
+def parse_stock_change(body: Mapping[str, Any]) -> Change:
+    """`{"stock": N}` sets the stock, `{"delta": K}` adds to it; exactly one of the two."""
+    if ("stock" in body) == ("delta" in body):
+        raise bad_request("give exactly one of stock (set) or delta (add)")
+    if "stock" in body:
+        return Change(require_int(body, "stock", 0, INT32_MAX), delta=False)
+    return Change(require_int(body, "delta", INT32_MIN, INT32_MAX), delta=True)

@@ -129,7 +129,8 @@ fs_pg_datadir() {
 }
 
 # fs_pg_start DIR PORT: a throwaway cluster in DIR listening on 127.0.0.1:PORT with a "faststock"
-# superuser and database (trust auth: it only listens on loopback). FS_PG_FAST=1 turns off fsync.
+# superuser and database (trust auth: it only listens on loopback). FS_PG_FAST=1 turns off fsync;
+# FS_PG_OPTS adds server options (the suite loads pg_stat_statements to count queries).
 fs_pg_start() {
   local dir=$1 port=$2 data opts
   [ -n "${FS_PG_BIN:-}" ] || fs_ensure_pg
@@ -142,6 +143,7 @@ fs_pg_start() {
   if [ "${FS_PG_FAST:-0}" = 1 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  opts="$opts ${FS_PG_OPTS:-}"
   fs_as_pg_user "$FS_PG_BIN/pg_ctl" -D "$data" -o "$opts" -l "$data/server.log" -w -t 60 start >/dev/null ||
     { tail -n 20 "$data/server.log" >&2; fs_die "PostgreSQL did not start"; }
   echo "$port" >"$dir/port"

@@ -61,6 +61,12 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
         cur.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(pg_admin_url, name)
     init_db(Config(database_url=url))
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        try:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.commit()
+        except psycopg2.Error:
+            conn.rollback()  # tests that count queries skip without it
     try:
         yield url
     finally:

@@ -76,7 +76,11 @@ class PgServer:
         return f"postgresql://faststock@127.0.0.1:{self.port}/faststock"
 
     def start(self, fast: bool = True) -> PgServer:
-        _servers("pg-start", self.dir, self.port, env={"FS_PG_FAST": "1" if fast else "0"})
+        env = {
+            "FS_PG_FAST": "1" if fast else "0",
+            "FS_PG_OPTS": "-c shared_preload_libraries=pg_stat_statements",
+        }
+        _servers("pg-start", self.dir, self.port, env=env)
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,118 @@
+"""The write path: one atomic stock change, optionally idempotent, then the cache.
+
+Correctness rules, in order: the change is a single SQL statement (no read-modify-write in Python,
+so concurrent buyers cannot oversell); the idempotency record is written in the same transaction
+as the change (a retry can never apply it twice, and a failed change leaves no record); the cache
+is touched only after commit, with the row's new version, so the compare-and-set in Redis keeps
+any slower reader from putting the old row back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import orjson
+
+from . import db, queries
+from .cache import get_cache, render
+from .errors import ApiError
+from .validation import INT32_MAX, Change
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
+def parse_idempotency_key(values: list[str]) -> str | None:
+    """The Idempotency-Key header: 1-255 visible ASCII characters, sent at most once."""
+    if not values:
+        return None
+    key = values[0]
+    if (
+        len(values) > 1
+        or not 1 <= len(key) <= MAX_KEY_LENGTH
+        or not all("!" <= ch <= "~" for ch in key)
+    ):
+        raise ApiError(
+            400,
+            "bad_request",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters, sent once",
+        )
+    return key
+
+
+def fingerprint(product_id: int, change: Change) -> bytes:
+    """What a retry must repeat exactly: the target and the change, not the body's formatting."""
+    field = "delta" if change.delta else "stock"
+    what = orjson.dumps({"path": f"/api/products/{product_id}/update-stock", field: change.value})
+    return hashlib.sha256(what).digest()
+
+
+def _ok(product_id: int, stock: int) -> Answer:
+    return Answer(200, b'{"id":%d,"stock":%d}' % (product_id, stock))
+
+
+def _error(status: int, code: str, message: str, **extra: object) -> Answer:
+    return Answer(status, orjson.dumps({"error": code, "message": message, **extra}))
+
+
+def _run(
+    cur: db.Cursor, product_id: int, change: Change
+) -> tuple[Answer, queries.ProductRow | None]:
+    if change.delta:
+        row = queries.add_stock(cur, product_id, change.value)
+    else:
+        row = queries.set_stock(cur, product_id, change.value)
+    if row is not None:
+        return _ok(product_id, row[3]), row
+    current = queries.fetch_stock(cur, product_id)
+    if current is None:
+        return _error(404, "not_found", f"product {product_id} does not exist"), None
+    if current + change.value < 0:
+        message = f"not enough stock: {current} left, {-change.value} requested"
+        return _error(409, "insufficient_stock", message, stock=current), None
+    message = f"stock would exceed {INT32_MAX}"
+    return _error(400, "bad_request", message, stock=current), None
+
+
+def apply(product_id: int, change: Change, key: str | None) -> Answer:
+    """Apply `change` once; with a key, a repeat of the same request replays the first answer."""
+    if key is None:
+        # One UPDATE statement is atomic on its own: autocommit saves BEGIN/COMMIT round trips.
+        with db.cursor() as cur:
+            answer, row = _run(cur, product_id, change)
+    else:
+        answer, row = _apply_once(product_id, change, key)
+    if row is not None:
+        product_id, version, _, entry = render(row)
+        get_cache().fill([(product_id, version, entry)])
+    return answer
+
+
+def _apply_once(
+    product_id: int, change: Change, key: str
+) -> tuple[Answer, queries.ProductRow | None]:
+    mark = fingerprint(product_id, change)
+    with db.transaction() as cur:
+        if queries.claim_idempotency_key(cur, key, mark):
+            answer, row = _run(cur, product_id, change)
+            queries.store_idempotent_answer(cur, key, answer.status, answer.body)
+            return answer, row
+        stored = queries.fetch_idempotency_record(cur, key)
+    if stored is None:
+        # The record expired and was collected between our two statements: rare, safe to retry.
+        raise ApiError(409, "idempotency_in_progress", "this key is being processed; retry")
+    stored_mark, status, body = stored
+    if stored_mark != mark:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        )
+    return Answer(status, body, replayed=True), None

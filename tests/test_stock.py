@@ -1,0 +1,206 @@
+"""Deltas, idempotent retries and versioned cache writes, through the Flask test client."""
+
+from __future__ import annotations
+
+import pytest
+
+from faststock.seed import product_row
+
+STOCK5 = product_row(5)[3]
+
+
+def post(client, product_id, body, key=None, **headers):
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.post(f"/api/products/{product_id}/update-stock", json=body, headers=headers)
+
+
+def test_delta_adds_and_subtracts(client, sql):
+    assert post(client, 5, {"delta": 10}).get_json() == {"id": 5, "stock": STOCK5 + 10}
+    assert post(client, 5, {"delta": -3}).get_json() == {"id": 5, "stock": STOCK5 + 7}
+    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(STOCK5 + 7, 3)]
+
+
+def test_delta_to_exactly_zero(client, sql):
+    sql("UPDATE products SET stock = 4 WHERE id = 5")
+    assert post(client, 5, {"delta": -4}).get_json() == {"id": 5, "stock": 0}
+
+
+def test_insufficient_stock_is_409_and_changes_nothing(client, sql):
+    sql("UPDATE products SET stock = 3 WHERE id = 5")
+    response = post(client, 5, {"delta": -4})
+    assert response.status_code == 409
+    body = response.get_json()
+    assert body["error"] == "insufficient_stock"
+    assert body["stock"] == 3
+    assert body["message"]
+    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(3, 1)]
+
+
+def test_delta_beyond_column_range_is_400(client, sql):
+    sql("UPDATE products SET stock = 2147483000 WHERE id = 5")
+    response = post(client, 5, {"delta": 2147483647})
+    assert response.status_code == 400
+    assert sql("SELECT stock FROM products WHERE id = 5") == [(2147483000,)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"delta": 2147483648},
+        {"delta": -2147483649},
+        {"delta": 1.0},
+        {"delta": True},
+        {"delta": "1"},
+        {"delta": None},
+        {"stock": 1, "delta": 1},
+        {},
+    ],
+)
+def test_bad_delta_bodies_are_400(client, body):
+    response = post(client, 5, body)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "bad_request"
+
+
+def test_delta_on_absent_product_is_404(client):
+    assert post(client, 4040, {"delta": 1}).status_code == 404
+
+
+def test_extreme_deltas_are_accepted(client, sql):
+    assert post(client, 5, {"delta": -2147483648}).status_code == 409
+    sql("UPDATE products SET stock = 0 WHERE id = 5")
+    assert post(client, 5, {"delta": 2147483647}).get_json()["stock"] == 2147483647
+
+
+def test_retry_with_key_replays_and_applies_once(client, sql):
+    first = post(client, 5, {"delta": -1}, key="order-1")
+    again = post(client, 5, {"delta": -1}, key="order-1")
+    assert first.status_code == again.status_code == 200
+    assert first.data == again.data
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(STOCK5 - 1, 2)]
+
+
+def test_replay_ignores_body_formatting(client):
+    post(client, 5, {"delta": -1}, key="k-format")
+    again = client.post(
+        "/api/products/5/update-stock",
+        data=b'{ "delta" :  -1 }',
+        headers={"Content-Type": "application/json", "Idempotency-Key": "k-format"},
+    )
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_error_answers_are_replayed_too(client, sql):
+    sql("UPDATE products SET stock = 0 WHERE id = 5")
+    assert post(client, 5, {"delta": -1}, key="k-409").status_code == 409
+    sql("UPDATE products SET stock = 10 WHERE id = 5")
+    replay = post(client, 5, {"delta": -1}, key="k-409")
+    assert replay.status_code == 409
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert sql("SELECT stock FROM products WHERE id = 5") == [(10,)]
+
+
+@pytest.mark.parametrize(
+    ("product_id", "body"), [(5, {"delta": -2}), (6, {"delta": -1}), (5, {"stock": 1})]
+)
+def test_same_key_different_request_is_422(client, sql, product_id, body):
+    post(client, 5, {"delta": -1}, key="k-reuse")
+    response = post(client, product_id, body, key="k-reuse")
+    assert response.status_code == 422
+    assert response.get_json()["error"] == "idempotency_key_reused"
+    assert sql("SELECT stock FROM products WHERE id IN (5, 6) ORDER BY id") == [
+        (STOCK5 - 1,),
+        (product_row(6)[3],),
+    ]
+
+
+@pytest.mark.parametrize("key", ["", "a" * 256, "has space", "tab\t", "é"])
+def test_bad_keys_are_400(client, sql, key):
+    response = client.post(
+        "/api/products/5/update-stock",
+        json={"delta": -1},
+        headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")},
+    )
+    assert response.status_code == 400
+    assert sql("SELECT count(*) FROM idempotency_keys") == [(0,)]
+
+
+def test_longest_key_is_fine(client):
+    assert post(client, 5, {"delta": -1}, key="~" * 255).status_code == 200
+
+
+def test_rejected_requests_store_nothing(client, sql):
+    assert post(client, 5, {"delta": "x"}, key="k-bad").status_code == 400
+    assert post(client, "abc", {"delta": 1}, key="k-bad").status_code == 400
+    assert sql("SELECT count(*) FROM idempotency_keys") == [(0,)]
+    assert post(client, 5, {"delta": -1}, key="k-bad").status_code == 200
+
+
+def test_expired_keys_run_again_and_are_collected(client, sql):
+    post(client, 5, {"delta": -1}, key="k-old")
+    post(client, 6, {"delta": -1}, key="k-other-old")
+    sql("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+    again = post(client, 5, {"delta": -1}, key="k-old")
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.get_json()["stock"] == STOCK5 - 2
+    assert sql("SELECT key FROM idempotency_keys ORDER BY key") == [("k-old",)]
+
+
+def test_write_through_carries_the_new_version(client, config):
+    import redis as redis_lib
+
+    from faststock.cache import product_key
+
+    client.get("/api/products/5")
+    post(client, 5, {"delta": -1})
+    raw = redis_lib.Redis.from_url(config.redis_url).get(product_key(5))
+    assert raw.startswith(b"2|%d|" % (STOCK5 - 1))
+
+
+def test_reader_fill_after_writer_commit_does_not_restore_old_row(app, monkeypatch, sql):
+    """Force: reader misses and reads v1, writer commits v2 and answers, reader fills v1."""
+    from faststock import queries
+
+    client, writer = app.test_client(), app.test_client()
+    real_fetch = queries.fetch_product
+    interleaved = []
+
+    def fetch_then_let_writer_commit(cur, product_id):
+        row = real_fetch(cur, product_id)
+        if not interleaved:
+            interleaved.append(post(writer, product_id, {"stock": 4242}).get_json())
+        return row
+
+    monkeypatch.setattr(queries, "fetch_product", fetch_then_let_writer_commit)
+    stale = client.get("/api/products/5")
+    assert interleaved == [{"id": 5, "stock": 4242}]
+    assert stale.get_json()["stock"] == STOCK5  # that reader began before the write answered
+    monkeypatch.setattr(queries, "fetch_product", real_fetch)
+    after = client.get("/api/products/5")
+    assert after.headers["X-Cache"] == "HIT"
+    assert after.get_json()["stock"] == 4242
+    assert client.get("/api/products/5/stock").get_json() == {"id": 5, "stock": 4242}
+    assert sql("SELECT version FROM products WHERE id = 5") == [(2,)]
+
+
+def test_list_page_fill_racing_a_write_does_not_restore_old_rows(app, monkeypatch):
+    from faststock import queries
+
+    client, writer = app.test_client(), app.test_client()
+    real_page = queries.fetch_page
+
+    def page_then_write(cur, limit, offset):
+        rows = real_page(cur, limit, offset)
+        post(writer, 3, {"stock": 333})
+        return rows
+
+    monkeypatch.setattr(queries, "fetch_page", page_then_write)
+    client.get("/api/products?page=1&limit=5")
+    monkeypatch.setattr(queries, "fetch_page", real_page)
+    listed = client.get("/api/products?page=1&limit=5")
+    assert listed.headers["X-Cache"] == "HIT"
+    assert listed.get_json()["items"][2]["stock"] == 333
+    assert client.get("/api/products/3/stock").get_json()["stock"] == 333
