@@ -31,7 +31,7 @@ def create_app(config: Config | None = None) -> Flask:
     The modules are imported here, not at the top, so that gunicorn.conf.py can read `Config`
     in the master without importing redis-py and friends before gevent patches the workers.
     """
-    from . import cache, db, errors, health, metrics, products, seed
+    from . import cache, db, errors, health, metrics, outbox, products, seed
 
     config = config or Config.from_env()
     app = Flask(__name__)
@@ -42,6 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
     errors.init_app(app)
     db.init_app(app)
     cache.init_app(app)
+    outbox.init_app(app)
     metrics.init_app(app)
     seed.init_app(app)
     app.before_request(_request_id)

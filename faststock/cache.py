@@ -8,14 +8,15 @@ and assembled from the per-product entries in the same Lua call, so a list can n
 stock than the product endpoint.
 
 Redis trouble of any kind turns into `BYPASS`: the request goes to PostgreSQL and succeeds. The
-client has short socket timeouts and no retries, because redis-py's defaults retry with backoff.
+client has short socket timeouts and no retries, because redis-py's defaults retry with backoff,
+and after a few consecutive failures a breaker stops requests from trying Redis at all.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 import redis
@@ -114,6 +115,35 @@ def decode_page(raw: bytes) -> tuple[list[int], bool]:
     return ([int(i) for i in ids.split(b",")] if ids else []), has_next == b"1"
 
 
+class Breaker:
+    """Consecutive Redis failures open it; while open, requests skip Redis at no cost.
+
+    It does not half-open on a request's time: the process's outbox keeper (outbox.py) probes
+    Redis in the background, replays the writes Redis missed, and only then closes it, so no
+    request ever serves an entry cached before the outage that a later write made stale.
+    """
+
+    def __init__(self, threshold: int = 3, on_open: Callable[[], None] | None = None) -> None:
+        self.threshold = threshold
+        self.on_open = on_open
+        self.failures = 0
+        self.is_open = False
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if not self.is_open and self.failures >= self.threshold:
+            self.is_open = True
+            if self.on_open is not None:
+                self.on_open()
+
+    def close(self) -> None:
+        self.failures = 0
+        self.is_open = False
+
+
 class Cache:
     """Redis access for one process; every method degrades to BYPASS instead of raising."""
 
@@ -132,39 +162,44 @@ class Cache:
         self.client = redis.Redis(connection_pool=self.pool)
         self._fill = self.client.register_script(_FILL)
         self._page = self.client.register_script(_PAGE)
-        self._healthy = True
+        self.breaker = Breaker(on_open=self._opened)
+        self.on_trouble: Callable[[], None] | None = None
 
-    def _ok(self) -> None:
-        if not self._healthy:
-            self._healthy = True
-            log.warning("Redis answers again")
+    def _opened(self) -> None:
+        log.warning("Redis failing; serving from PostgreSQL until it answers again")
+        self.pool.disconnect()  # recovery must start on fresh sockets, not ones to a dead server
+        if self.on_trouble is not None:
+            self.on_trouble()
 
     def _failed(self, exc: Exception) -> None:
-        if self._healthy:
-            self._healthy = False
-            log.warning("Redis unavailable, serving from PostgreSQL: %s", exc)
+        log.debug("Redis error: %s", exc)
+        self.breaker.failure()
 
     def _ttl_ms(self, seconds: float) -> int:
         """TTL with ±10% jitter, so keys filled together do not all expire together."""
         return max(1, int(seconds * 1000 * random.uniform(0.9, 1.1)))
 
     def get(self, key: str) -> tuple[str, bytes | None]:
+        if self.breaker.is_open:
+            return BYPASS, None
         try:
             raw = self.client.get(key)
         except redis.RedisError as exc:
             self._failed(exc)
             return BYPASS, None
-        self._ok()
+        self.breaker.success()
         return (MISS, None) if raw is None else (HIT, raw)
 
     def get_page(self, page: int, limit: int) -> tuple[str, bytes | None, list[bytes | None]]:
         """The page's stored value and the current entry of each product on it."""
+        if self.breaker.is_open:
+            return BYPASS, None, []
         try:
             reply = self._page(keys=[page_key(page, limit)], args=[PRODUCT_PREFIX])
         except redis.RedisError as exc:
             self._failed(exc)
             return BYPASS, None, []
-        self._ok()
+        self.breaker.success()
         if reply is None:
             return MISS, None, []
         return HIT, reply[0], reply[1:]
@@ -179,27 +214,40 @@ class Cache:
         """Store (product id, version, entry) triples, each only if not older than what is there.
 
         Used by readers after a miss and by writers after commit alike: the compare-and-set is
-        what makes their races harmless. Returns False when Redis could not be told.
+        what makes their races harmless. Returns False when Redis was not told.
         """
+        if self.breaker.is_open:
+            return False
+        try:
+            self.store(entries, page=page, ttl_seconds=ttl_seconds)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return False
+        self.breaker.success()
+        return True
+
+    def store(
+        self,
+        entries: Sequence[tuple[int, int, bytes]],
+        *,
+        page: tuple[int, int, bytes] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        """`fill` without the breaker, raising on Redis errors (for the outbox keeper)."""
         keys = [page_key(page[0], page[1]) if page else PRODUCT_PREFIX]
         ttl_ms = self._ttl_ms(ttl_seconds or self.ttl_seconds)
         args: list[object] = [ttl_ms, page[2] if page else b""]
         for product_id, version, raw in entries:
             keys.append(product_key(product_id))
             args += [version, raw]
-        try:
-            self._fill(keys=keys, args=args)
-        except redis.RedisError as exc:
-            self._failed(exc)
-            return False
-        self._ok()
-        return True
+        self._fill(keys=keys, args=args)
 
     def remember_missing(self, product_id: int) -> None:
         """A short-lived absence marker, so a flood of 404s does not reach PostgreSQL."""
         self.fill([(product_id, 0, MISSING)], ttl_seconds=NEGATIVE_TTL_SECONDS)
 
     def ping(self) -> bool:
+        """Whether Redis answers now (ignores the breaker)."""
         try:
             return bool(self.client.ping())
         except redis.RedisError:

@@ -38,6 +38,26 @@ class PoolTimeout(Exception):
     """Every connection stayed busy for the whole wait."""
 
 
+class QueryTimeout(Exception):
+    """PostgreSQL did not answer in time: a hung server never enforces its own statement_timeout."""
+
+
+def _green() -> bool:
+    return psycopg2.extensions.get_wait_callback() is not None
+
+
+@contextmanager
+def _deadline(seconds: float, error: Exception) -> Iterator[None]:
+    """Raise `error` in this greenlet after `seconds`; without gevent, libpq's own limits apply."""
+    if not _green():
+        yield
+        return
+    import gevent
+
+    with gevent.Timeout(seconds, error):
+        yield
+
+
 def make_cooperative() -> bool:
     """Route libpq's waits through gevent when gevent has patched the process.
 
@@ -77,12 +97,7 @@ def connect(
         "keepalives_interval": 10,
         "keepalives_count": 3,
     }
-    if psycopg2.extensions.get_wait_callback() is not None:
-        import gevent
-
-        with gevent.Timeout(timeout, PoolTimeout("connecting to PostgreSQL timed out")):
-            conn = psycopg2.connect(dsn, **kwargs)
-    else:
+    with _deadline(timeout, PoolTimeout("connecting to PostgreSQL timed out")):
         conn = psycopg2.connect(dsn, **kwargs)
     conn.autocommit = True
     return conn
@@ -177,8 +192,8 @@ def _request_connection() -> psycopg2.extensions.connection:
     return conn
 
 
-def _translate(exc: psycopg2.Error) -> BaseException:
-    if isinstance(exc, psycopg2.errors.QueryCanceled):
+def _translate(exc: Exception) -> BaseException:
+    if isinstance(exc, QueryTimeout | psycopg2.errors.QueryCanceled):
         return Unavailable("database query timed out")
     if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
         log.warning("PostgreSQL error: %s", str(exc).strip())
@@ -186,14 +201,19 @@ def _translate(exc: psycopg2.Error) -> BaseException:
     return exc
 
 
+def _query_deadline(pool: Pool) -> float:
+    return pool.statement_timeout_ms / 1000 + 1
+
+
 @contextmanager
 def cursor() -> Iterator[Cursor]:
     """A cursor on the request's connection, in autocommit: a read costs one round trip."""
     conn = _request_connection()
+    pool = get_pool()
     try:
-        with conn.cursor() as cur:
+        with _deadline(_query_deadline(pool), QueryTimeout()), conn.cursor() as cur:
             yield cur
-    except psycopg2.Error as exc:
+    except (psycopg2.Error, QueryTimeout) as exc:
         g._db_broken = True
         raise _translate(exc) from exc
     except BaseException:
@@ -212,6 +232,29 @@ def transaction() -> Iterator[Cursor]:
         cur.execute("BEGIN")
         yield cur
         cur.execute("COMMIT")
+
+
+@contextmanager
+def standalone_transaction(pool: Pool) -> Iterator[Cursor]:
+    """A transaction on a pooled connection outside any request (background work).
+
+    Errors surface as `Unavailable`, and the connection is discarded after any error.
+    """
+    try:
+        conn = pool.acquire()
+    except (PoolTimeout, psycopg2.OperationalError) as exc:
+        raise Unavailable(f"database unavailable: {exc}") from None
+    broken = True
+    try:
+        with _deadline(_query_deadline(pool), QueryTimeout()), conn.cursor() as cur:
+            cur.execute("BEGIN")
+            yield cur
+            cur.execute("COMMIT")
+        broken = False
+    except (psycopg2.Error, QueryTimeout) as exc:
+        raise _translate(exc) from exc
+    finally:
+        pool.release(conn, discard=broken)
 
 
 def _teardown(exc: BaseException | None) -> None:

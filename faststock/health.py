@@ -26,7 +26,8 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    redis_state = "ok" if get_cache().ping() else "unavailable"
+    cache = get_cache()
+    redis_state = "ok" if not cache.breaker.is_open and cache.ping() else "unavailable"
     try:
         with db.cursor() as cur:
             queries.ping(cur)

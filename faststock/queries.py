@@ -38,11 +38,26 @@ def fetch_page(cur: Cursor, limit: int, offset: int) -> list[ProductRow]:
     return cur.fetchall()
 
 
+# Every stock change records its product in cache_outbox in the same statement, so the change
+# and the note that Redis must learn of it commit (or fail) together.
+_CHANGE_WITH_OUTBOX = f"""
+    WITH changed AS ({{update}} RETURNING {PRODUCT_COLUMNS}),
+    noted AS (
+        INSERT INTO cache_outbox (product_id, version) SELECT id, version FROM changed
+        ON CONFLICT (product_id) DO UPDATE
+            SET version = EXCLUDED.version, created_at = now()
+    )
+    SELECT * FROM changed
+"""
+
+
 def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
     cur.execute(
-        f"UPDATE products SET stock = %s, version = version + 1, updated_at = now() "
-        f"WHERE id = %s RETURNING {PRODUCT_COLUMNS}",
-        (stock, product_id),
+        _CHANGE_WITH_OUTBOX.format(
+            update="UPDATE products SET stock = %(stock)s, version = version + 1, "
+            "updated_at = now() WHERE id = %(id)s"
+        ),
+        {"id": product_id, "stock": stock},
     )
     return cur.fetchone()
 
@@ -50,9 +65,11 @@ def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
 def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     """Atomically add `delta`; no row when the product is absent or the result leaves 0..2^31-1."""
     cur.execute(
-        f"UPDATE products SET stock = stock + %(delta)s, version = version + 1, updated_at = now() "
-        f"WHERE id = %(id)s AND stock::bigint + %(delta)s BETWEEN 0 AND 2147483647 "
-        f"RETURNING {PRODUCT_COLUMNS}",
+        _CHANGE_WITH_OUTBOX.format(
+            update="UPDATE products SET stock = stock + %(delta)s, version = version + 1, "
+            "updated_at = now() "
+            "WHERE id = %(id)s AND stock::bigint + %(delta)s BETWEEN 0 AND 2147483647"
+        ),
         {"id": product_id, "delta": delta},
     )
     return cur.fetchone()
@@ -108,6 +125,27 @@ def store_idempotent_answer(cur: Cursor, key: str, status: int, body: bytes) -> 
     )
 
 
+def outbox_done(cur: Cursor, product_id: int, version: int) -> None:
+    """Redis holds `version` now; a newer change keeps its own record."""
+    cur.execute(
+        "DELETE FROM cache_outbox WHERE product_id = %s AND version <= %s", (product_id, version)
+    )
+
+
+def claim_outbox(cur: Cursor, limit: int, *, wait: bool) -> list[int]:
+    """Lock up to `limit` pending products; `wait` waits for rows another worker is replaying."""
+    skip = "" if wait else " SKIP LOCKED"
+    cur.execute(
+        f"SELECT product_id FROM cache_outbox ORDER BY product_id LIMIT %s FOR UPDATE{skip}",
+        (limit,),
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def clear_outbox(cur: Cursor, ids: Sequence[int]) -> None:
+    cur.execute("DELETE FROM cache_outbox WHERE product_id = ANY(%s)", (list(ids),))
+
+
 def count_products(cur: Cursor) -> int:
     cur.execute("SELECT count(*) FROM products")
     return cur.fetchone()[0]
@@ -119,7 +157,7 @@ def lock_products(cur: Cursor) -> None:
 
 
 def truncate_products(cur: Cursor) -> None:
-    cur.execute("TRUNCATE products, idempotency_keys RESTART IDENTITY")
+    cur.execute("TRUNCATE products, idempotency_keys, cache_outbox RESTART IDENTITY")
 
 
 def create_seed_staging(cur: Cursor) -> None:

@@ -20,3 +20,12 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx ON idempotency_keys (created_at);
+
+-- Products whose cache entry may be out of date: written in the same statement as each stock
+-- change, removed once Redis holds the new row. Whatever is left after a Redis outage (or a
+-- crash between commit and cache update) is replayed into Redis before it is trusted again.
+CREATE TABLE IF NOT EXISTS cache_outbox (
+    product_id bigint      PRIMARY KEY,
+    version    bigint      NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);

@@ -17,6 +17,7 @@ import orjson
 from . import db, queries
 from .cache import get_cache, render
 from .errors import ApiError
+from .outbox import get_keeper
 from .validation import INT32_MAX, Change
 
 MAX_KEY_LENGTH = 255
@@ -90,9 +91,24 @@ def apply(product_id: int, change: Change, key: str | None) -> Answer:
     else:
         answer, row = _apply_once(product_id, change, key)
     if row is not None:
-        product_id, version, _, entry = render(row)
-        get_cache().fill([(product_id, version, entry)])
+        _write_through(row)
     return answer
+
+
+def _write_through(row: queries.ProductRow) -> None:
+    """After commit: Redis gets the new row, then the outbox record goes; else the keeper runs.
+
+    Nothing here may fail the request: the change is committed and must be acknowledged.
+    """
+    product_id, version, _, entry = render(row)
+    if get_cache().fill([(product_id, version, entry)]):
+        try:
+            with db.cursor() as cur:
+                queries.outbox_done(cur, product_id, version)
+            return
+        except ApiError:
+            pass
+    get_keeper().wake()
 
 
 def _apply_once(

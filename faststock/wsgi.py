@@ -7,9 +7,13 @@ import sys
 
 from . import create_app
 from .config import ConfigError
+from .outbox import get_keeper
 
 try:
     app = create_app()
 except ConfigError as exc:
     sys.stderr.write(f"faststock: configuration error: {exc}\n")
     sys.exit(3)
+
+# Replay whatever cache updates a previous process left pending before it stopped.
+get_keeper(app).wake()
