@@ -7,9 +7,13 @@ no connection or pool is ever shared across processes. Override any of these wit
 """
 
 import os
+import resource
 import shutil
 import sys
 import tempfile
+
+import orjson
+from gunicorn import util
 
 from faststock.config import Config, ConfigError
 
@@ -42,6 +46,34 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = True
 else:
     _own_metrics_dir = False
+
+
+# Each gevent worker holds up to worker_connections sockets plus its pools: lift the soft limit on
+# open files to the hard one (commonly 1024 soft), or a spike fails with EMFILE.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard == resource.RLIM_INFINITY or _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+_CODES = {400: "bad_request", 403: "bad_request", 414: "bad_request", 417: "bad_request"}
+_CODES |= {431: "bad_request"}
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001
+    """gunicorn answers requests it cannot parse (request line over 4094 bytes, oversized or
+    malformed headers) itself, before the app sees them, with an HTML page; clients of this API
+    always get the JSON error shape instead. A client's bad framing is its error, never a 5xx."""
+    if status_int == 501:  # an unsupported Transfer-Encoding is the client's mistake
+        status_int, reason = 400, "Bad Request"
+    code = _CODES.get(status_int, "bad_request" if status_int < 500 else "internal")
+    body = orjson.dumps({"error": code, "message": mesg or reason})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = _write_json_error
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter

@@ -31,7 +31,7 @@ def create_app(config: Config | None = None) -> Flask:
     The modules are imported here, not at the top, so that gunicorn.conf.py can read `Config`
     in the master without importing redis-py and friends before gevent patches the workers.
     """
-    from . import cache, db, errors, health, metrics, outbox, products, seed
+    from . import cache, db, errors, health, metrics, openapi, outbox, products, seed
 
     config = config or Config.from_env()
     app = Flask(__name__)
@@ -49,4 +49,5 @@ def create_app(config: Config | None = None) -> Flask:
     app.after_request(_echo_request_id)
     app.register_blueprint(products.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -78,8 +78,8 @@ def _run(
     if current + change.value < 0:
         message = f"not enough stock: {current} left, {-change.value} requested"
         return _error(409, "insufficient_stock", message, stock=current), None
-    message = f"stock would exceed {INT32_MAX}"
-    return _error(400, "bad_request", message, stock=current), None
+    message = f"stock would exceed {INT32_MAX}: {current} in stock, {change.value} added"
+    return _error(409, "stock_out_of_range", message, stock=current), None
 
 
 def apply(product_id: int, change: Change, key: str | None) -> Answer:

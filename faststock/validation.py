@@ -20,6 +20,8 @@ INT32_MAX = 2**31 - 1
 INT32_MIN = -(2**31)
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
+# The same for every limit, so the bound is simple to document; (page - 1) * limit fits a bigint.
+MAX_PAGE = BIGINT_MAX // MAX_LIMIT + 1
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,11 @@ def _single(args: MultiDict[str, str], name: str) -> str | None:
 
 
 def parse_page_args(args: MultiDict[str, str]) -> tuple[int, int]:
-    """(page, limit): limit 1..100, page from 1 while (page - 1) * limit still fits a bigint."""
+    """(page, limit): limit 1..100, page 1..MAX_PAGE, so the offset always fits a bigint."""
     raw_limit = _single(args, "limit")
     limit = DEFAULT_LIMIT if raw_limit is None else _parse_positive(raw_limit, "limit", MAX_LIMIT)
-    max_page = BIGINT_MAX // limit + 1
     raw_page = _single(args, "page")
-    page = 1 if raw_page is None else _parse_positive(raw_page, "page", max_page)
+    page = 1 if raw_page is None else _parse_positive(raw_page, "page", MAX_PAGE)
     return page, limit
 
 
@@ -122,6 +123,9 @@ def parse_stock_change(body: Mapping[str, Any]) -> Change:
     """`{"stock": N}` sets the stock, `{"delta": K}` adds to it; exactly one of the two."""
     if ("stock" in body) == ("delta" in body):
         raise bad_request("give exactly one of stock (set) or delta (add)")
+    unknown = sorted(set(body) - {"stock", "delta"})
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
     if "stock" in body:
         return Change(require_int(body, "stock", 0, INT32_MAX), delta=False)
     return Change(require_int(body, "delta", INT32_MIN, INT32_MAX), delta=True)

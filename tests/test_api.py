@@ -84,8 +84,9 @@ def test_list_pages_and_end(client):
     assert past == {"items": [], "page": 6, "limit": 20, "next_page": None}
 
 
-def test_list_largest_page_is_valid(client):
-    response = client.get("/api/products?page=92233720368547759&limit=100")
+@pytest.mark.parametrize("limit", [1, 10, 100])
+def test_list_largest_page_is_valid(client, limit):
+    response = client.get(f"/api/products?page=92233720368547759&limit={limit}")
     assert response.status_code == 200
     assert response.get_json()["items"] == []
 
@@ -102,6 +103,7 @@ def test_list_largest_page_is_valid(client):
         "page=1.5",
         "page=x",
         "page=92233720368547760&limit=100",
+        "page=92233720368547760&limit=1",
         "page=99999999999999999999",
         "page=1&page=2",
         "limit=5&limit=5",

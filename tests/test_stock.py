@@ -37,10 +37,12 @@ def test_insufficient_stock_is_409_and_changes_nothing(client, sql):
     assert sql("SELECT stock, version FROM products WHERE id = 5") == [(3, 1)]
 
 
-def test_delta_beyond_column_range_is_400(client, sql):
+def test_delta_beyond_column_range_is_409(client, sql):
     sql("UPDATE products SET stock = 2147483000 WHERE id = 5")
     response = post(client, 5, {"delta": 2147483647})
-    assert response.status_code == 400
+    assert response.status_code == 409
+    assert response.get_json()["error"] == "stock_out_of_range"
+    assert response.get_json()["stock"] == 2147483000
     assert sql("SELECT stock FROM products WHERE id = 5") == [(2147483000,)]
 
 
@@ -55,6 +57,7 @@ def test_delta_beyond_column_range_is_400(client, sql):
         {"delta": None},
         {"stock": 1, "delta": 1},
         {},
+        {"delta": 1, "note": "x"},
     ],
 )
 def test_bad_delta_bodies_are_400(client, body):
