@@ -15,6 +15,7 @@ import tempfile
 import orjson
 from gunicorn import util
 
+import faststock.shared  # noqa: F401 - maps the page the workers share, before they fork
 from faststock.config import Config, ConfigError
 
 try:

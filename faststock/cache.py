@@ -24,6 +24,7 @@ from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import shared
 from .config import Config
 from .queries import ProductRow
 
@@ -152,7 +153,7 @@ class Cache:
         self.ttl_seconds = config.cache_ttl_seconds
         self.pool = redis.BlockingConnectionPool.from_url(
             config.redis_url,
-            max_connections=64,
+            max_connections=1024,  # above worker_connections: a busy worker never queues here
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -167,7 +168,9 @@ class Cache:
 
     def _opened(self) -> None:
         log.warning("Redis failing; serving from PostgreSQL until it answers again")
-        self.pool.disconnect()  # recovery must start on fresh sockets, not ones to a dead server
+        # Recovery must start on fresh sockets, not ones to a dead server; sockets in use are
+        # left to fail in their own greenlet (closing them under it raises outside RedisError).
+        self.pool.disconnect(inuse_connections=False)
         if self.on_trouble is not None:
             self.on_trouble()
 
@@ -179,12 +182,17 @@ class Cache:
         """TTL with ±10% jitter, so keys filled together do not all expire together."""
         return max(1, int(seconds * 1000 * random.uniform(0.9, 1.1)))
 
+    def usable(self) -> bool:
+        """Whether reads may trust Redis: breaker closed, and no worker here has a write that
+        Redis missed (shared.py)."""
+        return not self.breaker.is_open and not shared.is_dirty()
+
     def get(self, key: str) -> tuple[str, bytes | None]:
-        if self.breaker.is_open:
+        if not self.usable():
             return BYPASS, None
         try:
             raw = self.client.get(key)
-        except redis.RedisError as exc:
+        except Exception as exc:  # any client failure, not only RedisError, must not fail a read
             self._failed(exc)
             return BYPASS, None
         self.breaker.success()
@@ -192,11 +200,11 @@ class Cache:
 
     def get_page(self, page: int, limit: int) -> tuple[str, bytes | None, list[bytes | None]]:
         """The page's stored value and the current entry of each product on it."""
-        if self.breaker.is_open:
+        if not self.usable():
             return BYPASS, None, []
         try:
             reply = self._page(keys=[page_key(page, limit)], args=[PRODUCT_PREFIX])
-        except redis.RedisError as exc:
+        except Exception as exc:  # as in get()
             self._failed(exc)
             return BYPASS, None, []
         self.breaker.success()
@@ -220,7 +228,7 @@ class Cache:
             return False
         try:
             self.store(entries, page=page, ttl_seconds=ttl_seconds)
-        except redis.RedisError as exc:
+        except Exception as exc:  # as in get()
             self._failed(exc)
             return False
         self.breaker.success()
@@ -250,7 +258,7 @@ class Cache:
         """Whether Redis answers now (ignores the breaker)."""
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except Exception:  # as in get()
             return False
 
     def clear(self) -> int:

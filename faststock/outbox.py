@@ -6,8 +6,8 @@ still serve an older entry: Redis was unreachable (a partition keeps old entries
 breaker was open, or the process died between commit and cache update. One keeper per process
 then writes the current rows into Redis (compare-and-set, so never over a newer one) and deletes
 the records, and only after that lets requests read Redis again. It runs only while there is
-something to do: it is woken when the breaker opens, when a write could not reach Redis, and
-once when a worker starts (to pick up what a previous process left).
+something to do (woken when the breaker opens or a write could not reach Redis), except in
+gunicorn workers, where it also sweeps once a second for records another process left behind.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 import redis
 from flask import Flask, current_app
 
-from . import db, queries
+from . import db, queries, shared
 from .cache import Cache, render
 from .errors import ApiError
 
 log = logging.getLogger("faststock.outbox")
 
 BATCH = 500
-RETRY_SECONDS = 0.25
+RETRY_SECONDS = 0.25  # while Redis is out or a write is pending
+SWEEP_SECONDS = 1.0  # otherwise: picks up what a crashed process or another host left
 
 
 class Keeper:
@@ -35,17 +35,23 @@ class Keeper:
         self.cache = cache
         self.pool = pool
         self._lock = threading.Lock()
+        self._event = threading.Event()
         self._pid = 0
         self._running = False
-        self._again = False
+        self._forever = False
         cache.on_trouble = self.wake
 
+    def start(self) -> None:
+        """Keep running for the life of this process (each gunicorn worker does)."""
+        self._forever = True
+        self.wake()
+
     def wake(self) -> None:
-        """Make sure a keeper pass runs soon in this process (idempotent, never blocks)."""
+        """Make a pass run now in this process; starts the keeper thread if needed."""
+        self._event.set()
         with self._lock:
             if self._pid != os.getpid():
                 self._pid, self._running = os.getpid(), False
-            self._again = True
             if self._running:
                 return
             self._running = True
@@ -54,15 +60,16 @@ class Keeper:
     def _run(self) -> None:
         try:
             while True:
-                with self._lock:
-                    if not self._again:
-                        self._running = False
-                        return
-                    self._again = False
-                if not self._pass():
+                self._event.clear()
+                ok = self._pass()
+                idle = ok and self.cache.usable()
+                if idle and not self._forever:
                     with self._lock:
-                        self._again = True
-                    time.sleep(RETRY_SECONDS)
+                        if not self._event.is_set():
+                            self._running = False
+                            return
+                    continue
+                self._event.wait(SWEEP_SECONDS if idle else RETRY_SECONDS)
         except BaseException:
             with self._lock:
                 self._running = False
@@ -70,14 +77,16 @@ class Keeper:
             raise
 
     def _pass(self) -> bool:
-        """One attempt: True when Redis has every pending write and the breaker may be closed."""
+        """One attempt: True when Redis has every pending write and may be read again."""
         breaker = self.cache.breaker
         if breaker.is_open and not self.cache.ping():
             return False
-        # After an outage wait for rows other workers are replaying: their entries must be in
+        seen = shared.dirty_mark()
+        # After an outage, wait for rows other workers are replaying: their entries must be in
         # Redis before this worker reads it again.
-        if not self.replay(wait=breaker.is_open):
+        if not self.replay(wait=not self.cache.usable()):
             return False
+        shared.mark_clean(seen)
         if breaker.is_open:
             breaker.close()
             log.warning("Redis answers again; pending writes replayed, cache back in use")

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 
 from . import db, queries, stock
 from .cache import (
@@ -223,10 +223,35 @@ def list_products() -> Response:
     return _json(body, state)
 
 
+def _read_body() -> bytes:
+    """The raw body, at most MAX_CONTENT_LENGTH bytes, chunked or not.
+
+    Read from the server's own stream: werkzeug's limited stream silently truncates a chunked
+    body at the limit instead of refusing it. gunicorn ends that stream at the body's end
+    (`wsgi.input_terminated`); without that promise and a Content-Length there is no body. A
+    body the server cannot decode (a broken chunked encoding, say) is the client's error,
+    whatever exception the server raises for it.
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    too_large = ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large
+    if length is None and not request.environ.get("wsgi.input_terminated"):
+        return b""
+    try:
+        data = request.environ["wsgi.input"].read(limit + 1 if length is None else length)
+    except Exception:
+        raise ApiError(400, "bad_request", "the request body could not be read") from None
+    if len(data) > limit:
+        raise too_large
+    return data
+
+
 @bp.post("/<raw_id>/update-stock")
 def update_stock(raw_id: str) -> Response:
     product_id = parse_id(raw_id)
-    body = parse_json_object(request.mimetype, request.get_data(cache=False))
+    body = parse_json_object(request.mimetype, _read_body())
     change = parse_stock_change(body)
     key = stock.parse_idempotency_key(request.headers.getlist("Idempotency-Key"))
     answer = stock.apply(product_id, change, key)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import db, queries
+from . import db, queries, shared
 from .cache import get_cache, render
 from .errors import ApiError
 from .outbox import get_keeper
@@ -108,6 +108,7 @@ def _write_through(row: queries.ProductRow) -> None:
             return
         except ApiError:
             pass
+    shared.mark_dirty()
     get_keeper().wake()
 
 

@@ -15,5 +15,6 @@ except ConfigError as exc:
     sys.stderr.write(f"faststock: configuration error: {exc}\n")
     sys.exit(3)
 
-# Replay whatever cache updates a previous process left pending before it stopped.
-get_keeper(app).wake()
+# For the life of the worker: replays the cache outbox (including what a previous process left
+# pending) and closes the Redis breaker once Redis answers again.
+get_keeper(app).start()

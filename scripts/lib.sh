@@ -191,10 +191,14 @@ PY
 }
 
 # fs_alive PID: running, not merely a zombie waiting for a parent that does not reap it.
+# The state is the field after the last ")" of /proc/PID/stat: the name before it may contain
+# spaces ("gunicorn: master"). Without /proc (macOS), kill -0 is the best there is.
 fs_alive() {
-  local state
-  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || { kill -0 "$1" 2>/dev/null; return; }
-  [ -n "$state" ] && [ "$state" != Z ]
+  local stat
+  [ -d /proc/self ] || { kill -0 "$1" 2>/dev/null; return; }
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
 }
 
 fs_redis_stop() {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,6 +147,21 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         with contextlib.suppress(OSError, ValueError):
             server.resume()
         server.stop()
+
+
+@pytest.fixture
+def private_pg(tmp_path: Path) -> Iterator[PgServer]:
+    """A seeded PostgreSQL of this test's own, which the test may stop, pause and restart."""
+    server = PgServer(tmp_path / "pg").start()
+    config = Config(database_url=server.url)
+    init_db(config)
+    seed(config, SEEDED)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(OSError, ValueError, subprocess.CalledProcessError):
+            server.resume()
+        server.destroy()
 
 
 @pytest.fixture

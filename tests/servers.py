@@ -89,6 +89,21 @@ class PgServer:
     def destroy(self) -> None:
         _servers("pg-destroy", self.dir)
 
+    def _processes(self) -> list[int]:
+        record = self.dir / "datadir"
+        data = Path(record.read_text().strip()) if record.exists() else self.dir / "data"
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *children(postmaster)]
+
+    def pause(self) -> None:
+        """Freeze the server and its backends: sockets stay open, nothing answers."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
 
 def children(pid: int) -> list[int]:
     """Direct child processes of `pid` (gunicorn's workers), read from /proc."""

@@ -33,6 +33,7 @@ def statement_calls(sql, query: str) -> int:
 
 def delta(server, product_id: int, amount: int, key: str | None = None) -> requests.Response:
     headers = {"Idempotency-Key": key} if key else {}
+    headers["Connection"] = "close"
     response = requests.post(
         server.url(f"/api/products/{product_id}/update-stock"),
         json={"delta": amount},

@@ -60,16 +60,14 @@ def wait_for_lock_waiter(sql: Callable[..., list[tuple]], timeout: float = 10) -
 
 
 def post_stock(server, product_id: int, **body: int) -> requests.Response:
-    """POST update-stock; the response is read and its socket closed (the body stays readable).
-
-    A response object kept alive keeps its keep-alive socket open, and gunicorn then waits for it
-    for its whole graceful timeout when the fixture stops the server.
-    """
-    response = requests.post(
-        server.url(f"/api/products/{product_id}/update-stock"), json=body, timeout=30
+    """POST update-stock without keep-alive: an idle kept-alive socket would hold gunicorn's
+    graceful shutdown for its whole timeout when the fixture stops the server."""
+    return requests.post(
+        server.url(f"/api/products/{product_id}/update-stock"),
+        json=body,
+        timeout=30,
+        headers={"Connection": "close"},
     )
-    response.close()
-    return response
 
 
 def test_500_concurrent_requests_with_a_pool_of_3(live_server, sql):
