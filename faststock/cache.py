@@ -107,6 +107,11 @@ def render(row: ProductRow) -> tuple[int, int, int, bytes]:
     return product_id, version, stock, encode_entry(version, stock, body)
 
 
+def entry_body(raw: bytes) -> bytes:
+    """The JSON a client receives, from a stored entry."""
+    return raw.split(b"|", 2)[2]
+
+
 def encode_page(ids: Sequence[int], has_next: bool) -> bytes:
     return b"%d|%s" % (has_next, b",".join(b"%d" % i for i in ids))
 

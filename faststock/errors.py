@@ -54,6 +54,11 @@ class Unavailable(ApiError):
         super().__init__(503, "unavailable", message, headers={"Retry-After": str(retry_after)})
 
 
+def error_body(code: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
+    """The one error shape, as bytes (also what idempotent replays store)."""
+    return orjson.dumps({"error": code, "message": message, **(extra or {})})
+
+
 def json_error(
     status: int,
     code: str,
@@ -61,8 +66,8 @@ def json_error(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Response:
-    body = {"error": code, "message": message, **(extra or {})}
-    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    body = error_body(code, message, extra)
+    response = Response(body, status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

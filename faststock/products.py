@@ -7,7 +7,7 @@ are stored in Redis and sent to every client, and a list page is those bytes joi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, request
@@ -21,6 +21,7 @@ from .cache import (
     decode_entry,
     decode_page,
     encode_page,
+    entry_body,
     get_cache,
     product_key,
     render,
@@ -191,10 +192,6 @@ def _page_from_cache(
     return entries, has_next
 
 
-def _bodies(entries: Iterable[bytes]) -> list[bytes]:
-    return [raw.split(b"|", 2)[2] for raw in entries]
-
-
 @bp.get("")
 def list_products() -> Response:
     page, limit = parse_page_args(request.args)
@@ -215,7 +212,7 @@ def list_products() -> Response:
     items, has_next = result
     next_page = b"%d" % (page + 1) if has_next else b"null"
     body = b'{"items":[%s],"page":%d,"limit":%d,"next_page":%s}' % (
-        b",".join(_bodies(items)),
+        b",".join(map(entry_body, items)),
         page,
         limit,
         next_page,

@@ -16,7 +16,7 @@ import orjson
 
 from . import db, queries, shared
 from .cache import get_cache, render
-from .errors import ApiError
+from .errors import ApiError, error_body
 from .outbox import get_keeper
 from .validation import INT32_MAX, Change
 
@@ -60,7 +60,7 @@ def _ok(product_id: int, stock: int) -> Answer:
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> Answer:
-    return Answer(status, orjson.dumps({"error": code, "message": message, **extra}))
+    return Answer(status, error_body(code, message, extra))
 
 
 def _run(
