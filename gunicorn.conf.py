@@ -6,16 +6,15 @@ no connection or pool is ever shared across processes. Override any of these wit
 `GUNICORN_CMD_ARGS`, e.g. `--access-logfile -`.
 """
 
+import contextlib
 import os
 import resource
 import shutil
 import sys
 import tempfile
 
-import orjson
-from gunicorn import util
-
 import faststock.shared  # noqa: F401 - maps the page the workers share, before they fork
+from faststock import worker
 from faststock.config import Config, ConfigError
 
 try:
@@ -26,14 +25,16 @@ except ConfigError as exc:
 
 bind = f"0.0.0.0:{_config.port}"
 workers = _config.web_concurrency
-worker_class = "gevent"
+worker_class = "faststock.worker.Worker"  # gevent's, closing idle connections on exit
 worker_connections = 1000
 backlog = 2048
-keepalive = 75  # longer than the usual load balancer idle timeout (60 s), so it closes first
+# Longer than the usual load balancer idle timeout (60 s), so the balancer closes first; on
+# shutdown idle connections are closed at once anyway (faststock/worker.py).
+keepalive = 75
 timeout = 30
 graceful_timeout = 30
-max_requests = 20_000
-max_requests_jitter = 2_000
+max_requests = 200_000  # a safety valve against leaks, not a routine: minutes apart at full load
+max_requests_jitter = 20_000
 preload_app = False
 accesslog = None
 errorlog = "-"
@@ -52,29 +53,13 @@ else:
 # Each gevent worker holds up to worker_connections sockets plus its pools: lift the soft limit on
 # open files to the hard one (commonly 1024 soft), or a spike fails with EMFILE.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-if _hard == resource.RLIM_INFINITY or _soft < _hard:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+if _soft != resource.RLIM_INFINITY and _soft < _hard:
+    # some platforms (macOS) cap it below the reported hard limit: keep the soft one then
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
-_CODES = {400: "bad_request", 403: "bad_request", 414: "bad_request", 417: "bad_request"}
-_CODES |= {431: "bad_request"}
-
-
-def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001
-    """gunicorn answers requests it cannot parse (request line over 4094 bytes, oversized or
-    malformed headers) itself, before the app sees them, with an HTML page; clients of this API
-    always get the JSON error shape instead. A client's bad framing is its error, never a 5xx."""
-    if status_int == 501:  # an unsupported Transfer-Encoding is the client's mistake
-        status_int, reason = 400, "Bad Request"
-    code = _CODES.get(status_int, "bad_request" if status_int < 500 else "internal")
-    body = orjson.dumps({"error": code, "message": mesg or reason})
-    head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
-util.write_error = _write_json_error
+# gunicorn's own error pages (malformed or oversized requests) in the API's JSON shape.
+worker.install()
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter

@@ -129,7 +129,7 @@ class Breaker:
     request ever serves an entry cached before the outage that a later write made stale.
     """
 
-    def __init__(self, threshold: int = 3, on_open: Callable[[], None] | None = None) -> None:
+    def __init__(self, threshold: int = 5, on_open: Callable[[], None] | None = None) -> None:
         self.threshold = threshold
         self.on_open = on_open
         self.failures = 0

@@ -28,7 +28,7 @@ class Config:
     db_pool_size: int = 10
     db_pool_timeout: float = 5.0
     db_statement_timeout_ms: int = 5000
-    redis_timeout_ms: int = 100
+    redis_timeout_ms: int = 250
     port: int = 8000
     web_concurrency: int = os.cpu_count() or 1
     log_level: str = "INFO"

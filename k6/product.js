@@ -1,127 +1,15 @@
 // GET /api/products/<random id>: single-product reads, cache first.
 //   k6 run -e BASE_URL=http://127.0.0.1:8000 -e VUS=200 -e DURATION=30s -e PRODUCTS=10000 k6/product.js
 // Optional: SUMMARY=path (JSON summary), P95_MS (latency threshold, default 2000).
-import http from 'k6/http';
 import { check } from 'k6';
+import { OK_CACHED, PRODUCT, commonOptions, read, report } from './lib.js';
 
-const SCRIPT = 'product';
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8000').replace(/\/+$/, '');
-const VUS = parseInt(__ENV.VUS || '200', 10);
-const DURATION = __ENV.DURATION || '30s';
-const PRODUCTS = parseInt(__ENV.PRODUCTS || '10000', 10);
-const P95_MS = parseFloat(__ENV.P95_MS || '2000');
-const NAME = 'GET /api/products/:id';
-
-export const options = {
-  vus: VUS,
-  duration: DURATION,
-  discardResponseBodies: true,
-  userAgent: 'faststock-bench/k6',
-  summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)'],
-  thresholds: {
-    http_req_failed: ['rate<0.01'],
-    checks: ['rate>0.99'],
-    http_req_duration: [`p(95)<${P95_MS}`],
-  },
-};
+export const options = commonOptions();
 
 export default function () {
-  const id = 1 + Math.floor(Math.random() * PRODUCTS);
-  const res = http.get(`${BASE_URL}/api/products/${id}`, { tags: { name: NAME } });
-  check(res, {
-    'status is 200': (r) => r.status === 200,
-    'has X-Cache': (r) => !!r.headers['X-Cache'],
-  });
-}
-
-// ---- summary (the same block is in every script here, so each stays self-contained) ----
-
-function seconds(d) {
-  // k6 duration string ("30s", "1m30s", "500ms", "2h") or a bare number of seconds.
-  if (/^\d+(\.\d+)?$/.test(String(d))) return parseFloat(d);
-  const units = { h: 3600, m: 60, s: 1, ms: 0.001, us: 1e-6, µs: 1e-6, ns: 1e-9 };
-  let total = 0;
-  const re = /(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)/g;
-  let m;
-  while ((m = re.exec(String(d))) !== null) total += parseFloat(m[1]) * units[m[2]];
-  return total;
-}
-
-function stats(data, tag, loadSeconds) {
-  const suffix = tag ? `{${tag}}` : '';
-  const reqs = data.metrics[`http_reqs${suffix}`];
-  const dur = data.metrics[`http_req_duration${suffix}`];
-  const failed = data.metrics[`http_req_failed${suffix}`];
-  const count = reqs ? reqs.values.count : 0;
-  const v = dur ? dur.values : {};
-  return {
-    requests: count,
-    rps: loadSeconds > 0 ? count / loadSeconds : 0,
-    avg_ms: v.avg ?? null,
-    p90_ms: v['p(90)'] ?? null,
-    p95_ms: v['p(95)'] ?? null,
-    p99_ms: v['p(99)'] ?? null,
-    failed_rate: failed ? failed.values.rate : null,
-  };
-}
-
-function summarize(data, scenarios, groups) {
-  const loadSeconds = scenarios.reduce((t, s) => t + s.seconds, 0);
-  const failedThresholds = [];
-  for (const [metric, m] of Object.entries(data.metrics)) {
-    for (const [expr, t] of Object.entries(m.thresholds || {})) {
-      if (!t.ok) failedThresholds.push(`${metric} ${expr}`);
-    }
-  }
-  const out = {
-    script: SCRIPT,
-    vus: VUS,
-    duration: DURATION,
-    load_seconds: loadSeconds,
-    ...stats(data, '', loadSeconds),
-    checks_rate: data.metrics.checks ? data.metrics.checks.values.rate : null,
-    // 409 insufficient_stock answers, counted by the scripts that write (expected outcomes).
-    insufficient_stock: data.metrics.insufficient_stock
-      ? data.metrics.insufficient_stock.values.count
-      : null,
-    thresholds_ok: failedThresholds.length === 0,
-    failed_thresholds: failedThresholds,
-    scenarios: {},
-    endpoints: {},
-  };
-  if (scenarios.length > 1) {
-    for (const s of scenarios) out.scenarios[s.name] = stats(data, `scenario:${s.name}`, s.seconds);
-  }
-  for (const g of groups) out.endpoints[g] = stats(data, `name:${g}`, loadSeconds);
-  return out;
-}
-
-function fmt(x, digits) {
-  return x === null || x === undefined ? '-' : x.toFixed(digits);
-}
-
-function line(label, s) {
-  return (
-    `${label}: ${s.requests} reqs, ${fmt(s.rps, 1)} req/s, avg ${fmt(s.avg_ms, 2)} ms, ` +
-    `p90 ${fmt(s.p90_ms, 2)} ms, p95 ${fmt(s.p95_ms, 2)} ms, p99 ${fmt(s.p99_ms, 2)} ms, ` +
-    `failed ${fmt(s.failed_rate === null ? null : s.failed_rate * 100, 2)}%`
-  );
-}
-
-function report(data, scenarios, groups) {
-  const s = summarize(data, scenarios, groups);
-  const lines = [line(`${SCRIPT} (${VUS} VUs, ${DURATION})`, s)];
-  if (s.insufficient_stock !== null) lines.push(`  409 insufficient_stock: ${s.insufficient_stock}`);
-  for (const [name, x] of Object.entries(s.scenarios)) lines.push(line(`  scenario ${name}`, x));
-  for (const [name, x] of Object.entries(s.endpoints)) lines.push(line(`  ${name}`, x));
-  lines.push(
-    s.thresholds_ok ? 'thresholds: ok' : `thresholds FAILED: ${s.failed_thresholds.join('; ')}`,
-  );
-  const result = { stdout: lines.join('\n') + '\n' };
-  if (__ENV.SUMMARY) result[__ENV.SUMMARY] = JSON.stringify({ faststock: s, k6: data }, null, 2);
-  return result;
+  check(read(PRODUCT), OK_CACHED);
 }
 
 export function handleSummary(data) {
-  return report(data, [{ name: 'default', seconds: seconds(DURATION) }], []);
+  return report(data, { script: 'product' });
 }

@@ -274,10 +274,10 @@ def test_injection_and_junk_in_path_and_query_are_400(one_server, sql, path):
 
 
 def test_sigterm_lets_in_flight_requests_finish(live_server, sql, fresh):
-    server = live_server(WEB_CONCURRENCY="2")
+    server = live_server(WEB_CONCURRENCY="1", DB_POOL_SIZE="20")
     with ThreadPoolExecutor(1) as pool, row_locked(fresh.database_url, 5):
         writes = pool.submit(fire, [lambda: post_stock(server, 5, delta=1)] * 20)
-        wait_for_lock_waiter(sql)
+        wait_for_lock_waiter(sql, count=20)  # every write is inside PostgreSQL
         server.proc.send_signal(15)
 
         def refused() -> bool:
@@ -292,3 +292,18 @@ def test_sigterm_lets_in_flight_requests_finish(live_server, sql, fresh):
     stocks = sorted(r.json()["stock"] for r in responses)
     assert stocks == list(range(stocks[0], stocks[0] + 20))
     assert sql("SELECT stock FROM products WHERE id = 5") == [(stocks[-1],)]
+
+
+def test_sigterm_closes_idle_keepalive_connections_at_once(live_server):
+    server = live_server(WEB_CONCURRENCY="1")
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = idle.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    server.proc.send_signal(15)
+    assert server.proc.wait(timeout=20) == 0
+    assert time.monotonic() - started < 5  # not the 30 s graceful timeout
+    assert idle.recv(65536) == b""  # closed without an unsolicited 500
+    idle.close()
+    assert "Traceback" not in server.log()

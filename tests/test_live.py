@@ -48,12 +48,14 @@ def row_locked(database_url: str, product_id: int) -> Iterator[None]:
         conn.close()
 
 
-def wait_for_lock_waiter(sql: Callable[..., list[tuple]], timeout: float = 10) -> None:
-    """Poll until some session is blocked on a lock: the write under test has reached PostgreSQL."""
+def wait_for_lock_waiter(
+    sql: Callable[..., list[tuple]], timeout: float = 10, count: int = 1
+) -> None:
+    """Poll until `count` sessions are blocked on a lock: the writes have reached PostgreSQL."""
     deadline = time.monotonic() + timeout
     query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
     while time.monotonic() < deadline:
-        if sql(query)[0][0] > 0:
+        if sql(query)[0][0] >= count:
             return
         time.sleep(0.02)
     raise AssertionError("the write never blocked on the row lock")
