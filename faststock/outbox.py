@@ -16,11 +16,10 @@ import logging
 import os
 import threading
 
-import redis
 from flask import Flask, current_app
 
 from . import db, queries, shared
-from .cache import Cache, render
+from .cache import Cache, get_cache, render
 from .errors import ApiError
 
 log = logging.getLogger("faststock.outbox")
@@ -61,7 +60,11 @@ class Keeper:
         try:
             while True:
                 self._event.clear()
-                ok = self._pass()
+                try:
+                    ok = self._pass()
+                except Exception:  # a surprise must not end the keeper: it would never come back
+                    log.exception("outbox keeper pass failed")
+                    ok = False
                 idle = ok and self.cache.usable()
                 if idle and not self._forever:
                     with self._lock:
@@ -104,8 +107,11 @@ class Keeper:
                             [(pid, v, entry) for pid, v, _, entry in map(render, rows)]
                         )
                         queries.clear_outbox(cur, ids)
-            except (ApiError, redis.RedisError) as exc:
-                log.info("outbox replay postponed: %s", exc)
+            except ApiError as exc:
+                log.info("outbox replay postponed, PostgreSQL: %s", exc.message)
+                return False
+            except Exception as exc:  # any Redis client failure, as in cache.py
+                log.info("outbox replay postponed, Redis: %s", exc)
                 return False
             if len(ids) < BATCH:
                 return True
@@ -116,6 +122,4 @@ def get_keeper(app: Flask | None = None) -> Keeper:
 
 
 def init_app(app: Flask) -> None:
-    from .cache import get_cache
-
     app.extensions["faststock.outbox"] = Keeper(get_cache(app), db.get_pool(app))
