@@ -200,11 +200,9 @@ def list_products() -> Response:
     result = None
     if stored is not None:
         result = _page_from_cache(cache, stored, entries)
-        if result is not None and len(entries) and any(e is None for e in entries):
+        if result is None or None in entries:  # not everything came from Redis
             state = MISS
     if result is None:
-        if state == HIT:
-            state = MISS
         result = _load(
             ("l", page, limit), state, lambda: _page_from_db(cache, page, limit, state == MISS)
         )
