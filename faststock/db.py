@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +104,16 @@ def connect(
     return conn
 
 
+def _server_hung_up(conn: psycopg2.extensions.connection) -> bool:
+    """An idle connection with something to read has been closed by the server (a restart, an
+    admin's pg_terminate_backend): checking costs one poll and spares the request a 503."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg2.InterfaceError):
+        return True
+    return bool(readable)
+
+
 class Pool:
     """At most `size` connections per process; `acquire` waits up to `timeout` for one."""
 
@@ -133,8 +144,12 @@ class Pool:
                 if remaining <= 0:
                     raise PoolTimeout(f"no database connection free within {self.timeout:g}s")
                 self._cond.wait(remaining)
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                conn = self._idle.pop()
+                if not _server_hung_up(conn):
+                    return conn
+                conn.close()
+                self._open -= 1
             self._open += 1
         try:
             return connect(

@@ -14,7 +14,6 @@ from flask import Blueprint, Response, current_app, request
 
 from . import db, queries, stock
 from .cache import (
-    HIT,
     MISS,
     MISSING,
     Cache,

@@ -144,6 +144,15 @@ def test_postgres_stopped_cached_reads_serve_the_rest_503_then_recovers(live_ser
     assert get(server, "/readyz").status_code == 200
 
 
+def test_pool_drops_connections_the_server_closed(live_server, private_pg):
+    server = live_server(WEB_CONCURRENCY="1", DATABASE_URL=private_pg.url)
+    for pid in range(1, 6):
+        assert get(server, f"/api/products/{pid}").status_code == 200  # idle connections now
+    private_pg.stop()
+    private_pg.start()
+    assert get(server, "/api/products/70").status_code == 200  # not a 503 on a dead connection
+
+
 def test_hung_postgres_answers_503_in_bounded_time_then_recovers(live_server, private_pg):
     server = live_server(
         WEB_CONCURRENCY="1",
