@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
 import threading
 
 import psycopg2
@@ -10,6 +13,7 @@ import pytest
 from faststock.config import Config
 from faststock.db import Pool, PoolTimeout, init_db
 from faststock.seed import product_row, seed
+from tests.servers import BIN, ROOT
 
 
 @pytest.fixture
@@ -153,3 +157,32 @@ def test_seed_reset_clears_cache(client, fresh):
     client.post("/api/products/1/update-stock", json={"stock": 999_999})
     seed(fresh, 100, reset=True)
     assert client.get("/api/products/1").get_json()["stock"] == product_row(1)[3]
+
+
+def test_seed_shows_a_progress_bar_on_a_terminal(fresh):
+    """Only on a terminal: run the real CLI with a pseudo-terminal as its output."""
+    main, secondary = pty.openpty()
+    env = {**os.environ, "DATABASE_URL": fresh.database_url, "REDIS_URL": fresh.redis_url}
+    proc = subprocess.run(
+        [str(BIN / "flask"), "--app", "faststock", "seed", "--products", "100", "--reset"],
+        cwd=ROOT,
+        env=env,
+        stdout=secondary,
+        stderr=subprocess.STDOUT,
+        timeout=60,
+        check=True,
+    )
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.returncode == 0
+    assert b"seeding" in output and b"100%" in output
+    assert b"inserted 100 products" in output
