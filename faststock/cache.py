@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import orjson
 import redis
@@ -31,6 +32,7 @@ from .queries import ProductRow
 log = logging.getLogger("faststock.cache")
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
+T = TypeVar("T")
 
 # Bump when the stored format changes, so a rolling deploy never misreads the old one.
 PREFIX = "fs1:"
@@ -179,9 +181,20 @@ class Cache:
         if self.on_trouble is not None:
             self.on_trouble()
 
-    def _failed(self, exc: Exception) -> None:
-        log.debug("Redis error: %s", exc)
-        self.breaker.failure()
+    def _attempt(self, command: Callable[[], T]) -> tuple[bool, T | None]:
+        """Run one Redis command and tell the breaker how it went: (False, None) on failure.
+
+        Any client failure counts, not only RedisError (hiredis raises ValueError on a socket
+        closed under it): the cache must never fail a request.
+        """
+        try:
+            result = command()
+        except Exception as exc:
+            log.debug("Redis error: %s", exc)
+            self.breaker.failure()
+            return False, None
+        self.breaker.success()
+        return True, result
 
     def _ttl_ms(self, seconds: float) -> int:
         """TTL with ±10% jitter, so keys filled together do not all expire together."""
@@ -195,24 +208,20 @@ class Cache:
     def get(self, key: str) -> tuple[str, bytes | None]:
         if not self.usable():
             return BYPASS, None
-        try:
-            raw = self.client.get(key)
-        except Exception as exc:  # any client failure, not only RedisError, must not fail a read
-            self._failed(exc)
+        ok, raw = self._attempt(lambda: self.client.get(key))
+        if not ok:
             return BYPASS, None
-        self.breaker.success()
         return (MISS, None) if raw is None else (HIT, raw)
 
     def get_page(self, page: int, limit: int) -> tuple[str, bytes | None, list[bytes | None]]:
         """The page's stored value and the current entry of each product on it."""
         if not self.usable():
             return BYPASS, None, []
-        try:
-            reply = self._page(keys=[page_key(page, limit)], args=[PRODUCT_PREFIX])
-        except Exception as exc:  # as in get()
-            self._failed(exc)
+        ok, reply = self._attempt(
+            lambda: self._page(keys=[page_key(page, limit)], args=[PRODUCT_PREFIX])
+        )
+        if not ok:
             return BYPASS, None, []
-        self.breaker.success()
         if reply is None:
             return MISS, None, []
         return HIT, reply[0], reply[1:]
@@ -231,13 +240,8 @@ class Cache:
         """
         if self.breaker.is_open:
             return False
-        try:
-            self.store(entries, page=page, ttl_seconds=ttl_seconds)
-        except Exception as exc:  # as in get()
-            self._failed(exc)
-            return False
-        self.breaker.success()
-        return True
+        ok, _ = self._attempt(lambda: self.store(entries, page=page, ttl_seconds=ttl_seconds))
+        return ok
 
     def store(
         self,
@@ -263,7 +267,7 @@ class Cache:
         """Whether Redis answers now (ignores the breaker)."""
         try:
             return bool(self.client.ping())
-        except Exception:  # as in get()
+        except Exception:  # as in _attempt()
             return False
 
     def clear(self) -> int:

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
-import orjson
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
+
+from .errors import CODES, error_body
 
 
 class Worker(GeventWorker):
@@ -71,9 +72,6 @@ class Worker(GeventWorker):
         super().handle_error(req, client, addr, exc)
 
 
-_CODES = {413: "payload_too_large", 415: "unsupported_media_type"}
-
-
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's `util.write_error`, answering in the API's error shape.
 
@@ -82,8 +80,8 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     """
     if status_int == 501:
         status_int, reason = 400, "Bad Request"
-    code = _CODES.get(status_int, "bad_request" if status_int < 500 else "internal")
-    body = orjson.dumps({"error": code, "message": mesg or reason})
+    code = CODES.get(status_int, "bad_request" if status_int < 500 else "internal")
+    body = error_body(code, mesg or reason)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

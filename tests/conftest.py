@@ -40,17 +40,22 @@ def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
-@pytest.fixture(scope="session")
-def pg_admin_url(servers_dir: Path) -> Iterator[str]:
-    given = os.environ.get("TEST_DATABASE_URL")
+def _given_or_started(variable: str, server: PgServer | RedisServer) -> Iterator[str]:
+    """The URL in `variable` if set, else `server`'s, started now and destroyed afterwards."""
+    given = os.environ.get(variable)
     if given:
         yield given
         return
-    server = PgServer(servers_dir / "pg").start()
+    server.start()
     try:
         yield server.url
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(servers_dir: Path) -> Iterator[str]:
+    yield from _given_or_started("TEST_DATABASE_URL", PgServer(servers_dir / "pg"))
 
 
 @pytest.fixture(scope="session")
@@ -78,15 +83,7 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url(servers_dir: Path) -> Iterator[str]:
-    given = os.environ.get("TEST_REDIS_URL")
-    if given:
-        yield given
-        return
-    server = RedisServer(servers_dir / "redis").start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    yield from _given_or_started("TEST_REDIS_URL", RedisServer(servers_dir / "redis"))
 
 
 @pytest.fixture

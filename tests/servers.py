@@ -13,14 +13,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ROOT / "scripts" / "servers"
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def poll(predicate: Callable[[], T], within: float, every: float = 0.02) -> T:
+    """Call `predicate` until it returns something truthy or `within` seconds pass; returns its
+    last value. The one waiting loop of the suite: it waits on an observable state, never on time.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
 
 
 def free_port() -> int:
@@ -57,6 +71,10 @@ class RedisServer:
 
     def stop(self) -> None:
         _servers("redis-stop", self.dir)
+
+    def destroy(self) -> None:
+        """Stop for good (Redis here keeps nothing on disk)."""
+        self.stop()
 
     def pause(self) -> None:
         """Freeze the process: connections stay open but nothing answers, like a partition."""
@@ -177,20 +195,20 @@ class LiveServer:
             start_new_session=True,
         )
         workers = int(self.env["WEB_CONCURRENCY"])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log()}")
             try:
                 response = requests.get(
                     self.url("/healthz"), timeout=1, headers={"Connection": "close"}
                 )
-                ok = response.status_code == 200
             except requests.RequestException:
-                ok = False
-            if ok and len(children(self.proc.pid)) >= workers:
-                return self
-            time.sleep(0.05)
+                return False
+            return response.status_code == 200 and len(children(self.proc.pid)) >= workers
+
+        if poll(ready, within=timeout, every=0.05):
+            return self
         self.stop()
         raise RuntimeError(f"gunicorn did not become ready:\n{self.log()}")
 

@@ -9,16 +9,19 @@ import redis as redis_lib
 
 from faststock.cache import Cache, encode_entry, product_key
 from faststock.config import Config
+from tests.servers import poll
 
 
 def wait_for_cache(client, path: str, within: float = 5.0) -> str:
     """Poll until the cache is used again (the breaker closed); returns that X-Cache value."""
-    deadline = time.monotonic() + within
-    while True:
-        state = client.get(path).headers["X-Cache"]
-        if state != "BYPASS" or time.monotonic() > deadline:
-            return state
-        time.sleep(0.05)
+    states: list[str] = []
+
+    def used() -> bool:
+        states.append(client.get(path).headers["X-Cache"])
+        return states[-1] != "BYPASS"
+
+    poll(used, within=within, every=0.05)
+    return states[-1]
 
 
 def test_miss_then_hit(client):

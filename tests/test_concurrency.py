@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
@@ -13,7 +12,8 @@ import pytest
 import requests
 
 from faststock import products, queries
-from tests.test_live import fire
+from tests.servers import poll
+from tests.test_live import fire, wait_for_lock_waiter
 
 FETCH_PRODUCT = f"SELECT {queries.PRODUCT_COLUMNS} FROM products WHERE id = $1"
 
@@ -96,10 +96,8 @@ def test_concurrent_misses_share_one_query_in_process(app, sql, database_url):
         threads = [threading.Thread(target=read) for _ in range(clients)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        while products._flight.waiters(("p", 77)) < clients - 1:
-            assert time.monotonic() < deadline, "the misses never all waited on one load"
-            time.sleep(0.01)
+        all_waiting = poll(lambda: products._flight.waiters(("p", 77)) >= clients - 1, within=20)
+        assert all_waiting, "the misses never all waited on one load"
     finally:
         lock.rollback()
         lock.close()
@@ -120,11 +118,7 @@ def test_stampede_on_a_cold_key_costs_one_query_per_worker(live_server, sql, dat
             pending = pool.submit(
                 fire, [lambda: requests.get(server.url("/api/products/78"), timeout=60)] * 200
             )
-            deadline = time.monotonic() + 20
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            while sql(waiting)[0][0] < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for_lock_waiter(sql, timeout=20)
             lock.rollback()
             responses = pending.result(timeout=60)
     finally:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from faststock.cache import Breaker
+from tests.servers import poll
 from tests.test_live import fire, post_stock, row_locked, wait_for_lock_waiter
 
 
@@ -28,16 +29,6 @@ def timed_get(server, path: str) -> tuple[requests.Response, float]:
     started = time.monotonic()
     response = get(server, path)
     return response, time.monotonic() - started
-
-
-def poll(predicate, within: float, every: float = 0.05):
-    """Call `predicate` until it returns something truthy or `within` seconds pass."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def test_breaker_opens_after_consecutive_failures_and_closes():

@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 import requests
 
-from tests.servers import BIN, ROOT, tcp_peer_ports
+from tests.servers import BIN, ROOT, poll, tcp_peer_ports
 
 
 def fire(calls: list[Callable[[], requests.Response]]) -> list[requests.Response]:
@@ -52,13 +52,9 @@ def wait_for_lock_waiter(
     sql: Callable[..., list[tuple]], timeout: float = 10, count: int = 1
 ) -> None:
     """Poll until `count` sessions are blocked on a lock: the writes have reached PostgreSQL."""
-    deadline = time.monotonic() + timeout
     query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-    while time.monotonic() < deadline:
-        if sql(query)[0][0] >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the write never blocked on the row lock")
+    blocked = poll(lambda: sql(query)[0][0] >= count, within=timeout)
+    assert blocked, "the write never blocked on the row lock"
 
 
 def post_stock(server, product_id: int, **body: int) -> requests.Response:

@@ -6,12 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, free_port, poll
 
 
 def refused(port: int) -> bool:
@@ -32,18 +31,18 @@ def run_up(run_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_serving(proc: subprocess.Popen[bytes], url: str, log: Path) -> requests.Response:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    def serving() -> requests.Response | None:
         assert proc.poll() is None, log.read_text()
         try:
             # no keep-alive: an idle open connection would hold up gunicorn's graceful shutdown
             response = requests.get(url, timeout=2, headers={"Connection": "close"})
-            if response.status_code == 200:
-                return response
         except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(log.read_text())
+            return None
+        return response if response.status_code == 200 else None
+
+    response = poll(serving, within=180, every=0.1)
+    assert response is not None, log.read_text()
+    return response
 
 
 def test_up_serves_seeded_data_and_cleans_up(tmp_path):
