@@ -31,10 +31,13 @@ FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="faststock" \
       org.opencontainers.image.description="FastStock products/stock API (Flask, gunicorn + gevent)"
 
+# HOST: every interface of the container (the app's own default is loopback only), so that a
+# published port reaches it.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH="/opt/venv/bin:$PATH" \
     HOME=/home/faststock \
+    HOST=0.0.0.0 \
     PORT=8000
 
 # Unprivileged runtime user with a real, writable HOME: gunicorn 27 opens a control socket under

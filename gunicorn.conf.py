@@ -6,35 +6,31 @@ no connection or pool is ever shared across processes. Override any of these wit
 `GUNICORN_CMD_ARGS`, e.g. `--access-logfile -`.
 """
 
+import atexit
 import contextlib
 import os
 import resource
 import shutil
-import sys
 import tempfile
 
 import faststock.shared  # noqa: F401 - maps the page the workers share, before they fork
 from faststock import worker
-from faststock.config import Config, ConfigError
+from faststock.config import from_env_or_exit
 
-try:
-    _config = Config.from_env()
-except ConfigError as exc:
-    sys.stderr.write(f"faststock: configuration error: {exc}\n")
-    sys.exit(1)
+_config = from_env_or_exit()
 
-bind = f"0.0.0.0:{_config.port}"
+bind = _config.bind  # HOST:PORT; loopback unless HOST says otherwise (the image sets 0.0.0.0)
 workers = _config.web_concurrency
-worker_class = "faststock.worker.Worker"  # gevent's, closing idle connections on exit
+worker_class = "faststock.worker.Worker"  # gevent's, stopping without dropping a connection
 worker_connections = 1000
 backlog = 2048
-# Longer than the usual load balancer idle timeout (60 s), so the balancer closes first; on
-# shutdown idle connections are closed at once anyway (faststock/worker.py).
+# Longer than the usual load balancer idle timeout (60 s), so the balancer closes first; once a
+# worker stops, an idle connection is closed after 1 s anyway (faststock/worker.py).
 keepalive = 75
 timeout = 30
 graceful_timeout = 30
-max_requests = 200_000  # a safety valve against leaks, not a routine: minutes apart at full load
-max_requests_jitter = 20_000
+# No recycling: a worker's memory stays flat, and each recycle is a cold start (README, Shutdown).
+max_requests = 0
 preload_app = False
 accesslog = None
 errorlog = "-"
@@ -42,12 +38,18 @@ loglevel = _config.log_level.lower()
 control_socket_disable = True
 proc_name = "faststock"
 
-# Every worker writes its metrics here; one directory per gunicorn run, emptied at start.
+
+def _remove_metrics_dir(path: str, master_pid: int) -> None:
+    """Workers leave through sys.exit and so run atexit handlers too: only the master removes it."""
+    if os.getpid() == master_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Every worker writes its metrics here; one directory per gunicorn run, emptied at start and
+# removed when the master exits, however it exits: on_exit is not called when the bind fails.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="faststock-metrics-")
-    _own_metrics_dir = True
-else:
-    _own_metrics_dir = False
+    atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
 
 # Each gevent worker holds up to worker_connections sockets plus its pools: lift the soft limit on
@@ -74,8 +76,3 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and
     from faststock.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
-
-
-def on_exit(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
-    if _own_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
+import click
 from flask import Flask, Response, g, request
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, from_env_or_exit
+from .requestid import request_id
 
 __all__ = ["Config", "ConfigError", "create_app"]
 
@@ -15,9 +16,7 @@ MAX_BODY_BYTES = 16 * 1024
 
 
 def _request_id() -> None:
-    incoming = request.headers.get("X-Request-ID", "")
-    ok = 0 < len(incoming) <= 128 and incoming.isascii() and incoming.isprintable()
-    g.request_id = incoming if ok else uuid.uuid4().hex
+    g.request_id = request_id(request.environ.get("HTTP_X_REQUEST_ID"))
 
 
 def _echo_request_id(response: Response) -> Response:
@@ -31,9 +30,26 @@ def create_app(config: Config | None = None) -> Flask:
     The modules are imported here, not at the top, so that gunicorn.conf.py can read `Config`
     in the master without importing redis-py and friends before gevent patches the workers.
     """
-    from . import cache, db, errors, health, metrics, openapi, outbox, products, seed
+    from . import (
+        cache,
+        db,
+        errors,
+        fastlane,
+        health,
+        metrics,
+        nearcache,
+        openapi,
+        outbox,
+        products,
+        seed,
+        singleflight,
+    )
 
-    config = config or Config.from_env()
+    if config is None:
+        # Under the `flask` command a bad setting ends it with the one line gunicorn prints, not
+        # the traceback flask shows for an app that fails to load. Other callers get ConfigError.
+        in_cli = click.get_current_context(silent=True) is not None
+        config = from_env_or_exit() if in_cli else Config.from_env()
     app = Flask(__name__)
     app.config["FASTSTOCK"] = config
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -41,8 +57,11 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.init_app(app)
     db.init_app(app)
-    cache.init_app(app)
+    # The breaker's opening wakes the keeper, which owns recovery from Redis failures.
+    cache.init_app(app, on_outage=lambda: outbox.get_keeper(app).wake())
+    nearcache.init_app(app, cache.get_cache(app))
     outbox.init_app(app)
+    singleflight.init_app(app)
     metrics.init_app(app)
     seed.init_app(app)
     app.before_request(_request_id)
@@ -50,4 +69,5 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(products.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    fastlane.init_app(app)  # last: it wraps the finished app's WSGI callable
     return app

@@ -40,14 +40,21 @@ PRODUCT_PREFIX = PREFIX + "p:"
 MISSING = b"0|"
 NEGATIVE_TTL_SECONDS = 5
 
+# Where writers announce the products they changed (comma-separated ids, or "*" for all), for
+# the per-worker caches of every host (nearcache.py).
+CHANNEL = "fs1:changed"
+FLUSH_ALL = b"*"
+
 # KEYS[1]: a page key (or any key when ARGV[2] is empty); KEYS[2..n]: product keys.
-# ARGV[1]: TTL in ms; ARGV[2]: the page value or ""; then a version and a value per product key.
-# A product value is written only if no newer version is stored.
-_FILL = """
+# ARGV[1]: TTL in ms; ARGV[2]: the page value or ""; ARGV[3]: a change message to publish on
+# CHANNEL or ""; then a version and a value per product key. A product value is written only if
+# no newer version is stored. Publishing in the same call costs a writer no extra round trip.
+_FILL = (
+    """
 local ttl = ARGV[1]
 local stored = 0
 for i = 2, #KEYS do
-  local version = tonumber(ARGV[i * 2 - 1])
+  local version = tonumber(ARGV[i * 2])
   local current = redis.call('GET', KEYS[i])
   local newer = false
   if current then
@@ -55,15 +62,21 @@ for i = 2, #KEYS do
     newer = v ~= nil and v > version
   end
   if not newer then
-    redis.call('SET', KEYS[i], ARGV[i * 2], 'PX', ttl)
+    redis.call('SET', KEYS[i], ARGV[i * 2 + 1], 'PX', ttl)
     stored = stored + 1
   end
 end
 if ARGV[2] ~= '' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 end
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', '"""
+    + CHANNEL
+    + """', ARGV[3])
+end
 return stored
 """
+)
 
 # KEYS[1]: a page key. Returns nil on a miss, else the page value then each product entry.
 _PAGE = """
@@ -136,6 +149,7 @@ class Breaker:
         self.on_open = on_open
         self.failures = 0
         self.is_open = False
+        self.openings = 0  # lets the keeper tell whether it opened again during a pass
 
     def success(self) -> None:
         self.failures = 0
@@ -144,6 +158,7 @@ class Breaker:
         self.failures += 1
         if not self.is_open and self.failures >= self.threshold:
             self.is_open = True
+            self.openings += 1
             if self.on_open is not None:
                 self.on_open()
 
@@ -155,7 +170,8 @@ class Breaker:
 class Cache:
     """Redis access for one process; every method degrades to BYPASS instead of raising."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_outage: Callable[[], None] | None = None) -> None:
+        """`on_outage` runs when the breaker opens: the keeper (outbox.py) recovers from there."""
         timeout = config.redis_timeout_ms / 1000
         self.ttl_seconds = config.cache_ttl_seconds
         self.pool = redis.BlockingConnectionPool.from_url(
@@ -171,15 +187,15 @@ class Cache:
         self._fill = self.client.register_script(_FILL)
         self._page = self.client.register_script(_PAGE)
         self.breaker = Breaker(on_open=self._opened)
-        self.on_trouble: Callable[[], None] | None = None
+        self.on_outage = on_outage
 
     def _opened(self) -> None:
         log.warning("Redis failing; serving from PostgreSQL until it answers again")
         # Recovery must start on fresh sockets, not ones to a dead server; sockets in use are
         # left to fail in their own greenlet (closing them under it raises outside RedisError).
         self.pool.disconnect(inuse_connections=False)
-        if self.on_trouble is not None:
-            self.on_trouble()
+        if self.on_outage is not None:
+            self.on_outage()
 
     def _attempt(self, command: Callable[[], T]) -> tuple[bool, T | None]:
         """Run one Redis command and tell the breaker how it went: (False, None) on failure.
@@ -213,6 +229,12 @@ class Cache:
             return BYPASS, None
         return (MISS, None) if raw is None else (HIT, raw)
 
+    def stored_versions(self, ids: Sequence[int]) -> list[int | None]:
+        """The version Redis holds for each product (None: no entry), raising on Redis errors
+        (for the outbox keeper, which must know whether Redis already has a change)."""
+        raws = self.client.mget([product_key(product_id) for product_id in ids])
+        return [None if raw is None else int(raw.split(b"|", 1)[0]) for raw in raws]
+
     def get_page(self, page: int, limit: int) -> tuple[str, bytes | None, list[bytes | None]]:
         """The page's stored value and the current entry of each product on it."""
         if not self.usable():
@@ -232,16 +254,22 @@ class Cache:
         *,
         page: tuple[int, int, bytes] | None = None,
         ttl_seconds: float | None = None,
-    ) -> bool:
+        announce: bool = False,
+    ) -> int | None:
         """Store (product id, version, entry) triples, each only if not older than what is there.
 
         Used by readers after a miss and by writers after commit alike: the compare-and-set is
-        what makes their races harmless. Returns False when Redis was not told.
+        what makes their races harmless. Writers `announce` the change to every host's per-worker
+        cache in the same call. Returns how many entries were stored (fewer than given when Redis
+        already held newer versions: it is then at least as fresh), or None when Redis was not
+        told.
         """
         if self.breaker.is_open:
-            return False
-        ok, _ = self._attempt(lambda: self.store(entries, page=page, ttl_seconds=ttl_seconds))
-        return ok
+            return None
+        ok, stored = self._attempt(
+            lambda: self.store(entries, page=page, ttl_seconds=ttl_seconds, announce=announce)
+        )
+        return stored if ok else None
 
     def store(
         self,
@@ -249,15 +277,17 @@ class Cache:
         *,
         page: tuple[int, int, bytes] | None = None,
         ttl_seconds: float | None = None,
-    ) -> None:
+        announce: bool = False,
+    ) -> int:
         """`fill` without the breaker, raising on Redis errors (for the outbox keeper)."""
         keys = [page_key(page[0], page[1]) if page else PRODUCT_PREFIX]
         ttl_ms = self._ttl_ms(ttl_seconds or self.ttl_seconds)
-        args: list[object] = [ttl_ms, page[2] if page else b""]
+        change = b",".join(b"%d" % product_id for product_id, _, _ in entries) if announce else b""
+        args: list[object] = [ttl_ms, page[2] if page else b"", change]
         for product_id, version, raw in entries:
             keys.append(product_key(product_id))
             args += [version, raw]
-        self._fill(keys=keys, args=args)
+        return int(self._fill(keys=keys, args=args))
 
     def remember_missing(self, product_id: int) -> None:
         """A short-lived absence marker, so a flood of 404s does not reach PostgreSQL."""
@@ -281,6 +311,7 @@ class Cache:
                 batch.clear()
         if batch:
             removed += self.client.unlink(*batch)
+        self.client.publish(CHANNEL, FLUSH_ALL)  # and every worker's own copies
         return removed
 
 
@@ -288,5 +319,5 @@ def get_cache(app: Flask | None = None) -> Cache:
     return (app or current_app).extensions["faststock.cache"]
 
 
-def init_app(app: Flask) -> None:
-    app.extensions["faststock.cache"] = Cache(app.config["FASTSTOCK"])
+def init_app(app: Flask, on_outage: Callable[[], None] | None = None) -> None:
+    app.extensions["faststock.cache"] = Cache(app.config["FASTSTOCK"], on_outage)

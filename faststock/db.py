@@ -16,9 +16,10 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
+from typing import Any
 
 import click
 import psycopg2
@@ -41,6 +42,56 @@ class PoolTimeout(Exception):
 
 class QueryTimeout(Exception):
     """PostgreSQL did not answer in time: a hung server never enforces its own statement_timeout."""
+
+
+class StatementCursor(psycopg2.extensions.cursor):
+    """A cursor that gives each statement its own client-side deadline, under gevent.
+
+    PostgreSQL's statement_timeout covers lock waits, but a hung server never enforces it; the
+    client then gives up `statement_timeout + 1 s` after the statement began. Per statement, not
+    per transaction: a keyed write runs five, and lock waits the server allows must not add up
+    to a client timeout. When the client does give up, psycopg2 closes the connection, and the
+    backend is terminated from another connection so it cannot hold its locks for the retries.
+    """
+
+    deadline: float = 0.0
+    dsn: str = ""
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        if not self.deadline or not _green():
+            super().execute(query, vars)
+            return
+        import gevent
+
+        expired = QueryTimeout()
+        backend = self.connection.info.backend_pid
+        timer = gevent.Timeout(self.deadline, expired)
+        timer.start()
+        try:
+            super().execute(query, vars)
+        except QueryTimeout as exc:
+            if exc is expired:
+                gevent.spawn(_terminate_backend, self.dsn, backend)
+            raise
+        finally:
+            timer.close()
+
+
+def _terminate_backend(dsn: str, pid: int) -> None:
+    """End the backend a timed-out statement left behind, with its locks; best effort."""
+    try:
+        conn = connect(dsn, statement_timeout_ms=5000, timeout=5)
+    except Exception as exc:
+        log.warning("could not end PostgreSQL backend %d after a timeout: %s", pid, exc)
+        return
+    try:
+        with _deadline(6, QueryTimeout()), conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        log.info("ended PostgreSQL backend %d after a client-side timeout", pid)
+    except Exception as exc:
+        log.warning("could not end PostgreSQL backend %d after a timeout: %s", pid, exc)
+    finally:
+        conn.close()
 
 
 def _green() -> bool:
@@ -104,14 +155,32 @@ def connect(
     return conn
 
 
+def _original_poll() -> Callable[[], Any]:
+    """The operating system's poll(2), even where gevent has patched `select`.
+
+    Not `select.select`: it cannot watch a descriptor numbered 1024 or more, and a busy gevent
+    worker (a thousand client sockets, Redis connections) passes that easily. Not gevent's poll:
+    a zero-timeout check needs no trip through the event loop.
+    """
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+_poll = _original_poll()
+
+
 def _server_hung_up(conn: psycopg2.extensions.connection) -> bool:
     """An idle connection with something to read has been closed by the server (a restart, an
     admin's pg_terminate_backend): checking costs one poll and spares the request a 503."""
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = _poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg2.InterfaceError):
         return True
-    return bool(readable)
 
 
 class Pool:
@@ -208,25 +277,46 @@ def _request_connection() -> psycopg2.extensions.connection:
 
 
 def _translate(exc: Exception) -> BaseException:
+    """Any database failure is the server's side, never the client's: a 503 with Retry-After.
+
+    Every statement is parametrised and every value checked before it reaches SQL, so what
+    PostgreSQL refuses is a timeout, a lost connection, a failover's read-only transaction, a
+    serialization failure or deadlock, a full disk: each worth a retry. A ProgrammingError would
+    be a bug in this service; it is logged with its traceback, and the client still gets a 503.
+    """
     if isinstance(exc, QueryTimeout | psycopg2.errors.QueryCanceled):
         return Unavailable("database query timed out")
-    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+    if isinstance(exc, psycopg2.ProgrammingError):
+        log.error("PostgreSQL refused a statement: %s", str(exc).strip(), exc_info=exc)
+    else:
         log.warning("PostgreSQL error: %s", str(exc).strip())
-        return Unavailable("database unavailable")
-    return exc
+    return Unavailable("database unavailable")
 
 
-def _query_deadline(pool: Pool) -> float:
+def statement_deadline(pool: Pool) -> float:
+    """How long the client waits for one statement: the server's own limit, plus a margin."""
     return pool.statement_timeout_ms / 1000 + 1
+
+
+def read_deadline(pool: Pool) -> float:
+    """The longest a one-statement read can take: the wait for a connection (connecting, which
+    is given at least 0.5 s, included) and the statement."""
+    return pool.timeout + 0.5 + statement_deadline(pool)
+
+
+def _cursor(conn: psycopg2.extensions.connection, pool: Pool) -> StatementCursor:
+    cur = conn.cursor(cursor_factory=StatementCursor)
+    cur.deadline = statement_deadline(pool)
+    cur.dsn = pool.dsn
+    return cur
 
 
 @contextmanager
 def cursor() -> Iterator[Cursor]:
     """A cursor on the request's connection, in autocommit: a read costs one round trip."""
     conn = _request_connection()
-    pool = get_pool()
     try:
-        with _deadline(_query_deadline(pool), QueryTimeout()), conn.cursor() as cur:
+        with _cursor(conn, get_pool()) as cur:
             yield cur
     except (psycopg2.Error, QueryTimeout) as exc:
         g._db_broken = True
@@ -261,7 +351,7 @@ def standalone_transaction(pool: Pool) -> Iterator[Cursor]:
         raise Unavailable(f"database unavailable: {exc}") from None
     broken = True
     try:
-        with _deadline(_query_deadline(pool), QueryTimeout()), conn.cursor() as cur:
+        with _cursor(conn, pool) as cur:
             cur.execute("BEGIN")
             yield cur
             cur.execute("COMMIT")
@@ -273,10 +363,15 @@ def standalone_transaction(pool: Pool) -> Iterator[Cursor]:
 
 
 def _teardown(exc: BaseException | None) -> None:
+    """Return the request's connection. Runs after the answer is built, so a failure here is
+    logged, never raised: it would turn an answer (an acknowledged write) into a 500."""
     conn = g.pop("_db_conn", None)
     if conn is not None:
         broken = g.pop("_db_broken", False) or exc is not None
-        get_pool().release(conn, discard=broken)
+        try:
+            get_pool().release(conn, discard=broken)
+        except Exception:
+            log.exception("returning a connection to the pool failed")
 
 
 @click.command("init-db")

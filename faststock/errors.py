@@ -15,16 +15,41 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("faststock")
 
-CODES = {
+# Every error code the API can answer with, and what it tells the client. The one registry:
+# the OpenAPI document's enum is built from it, and `ApiError` refuses a code missing here.
+ERROR_CODES: dict[str, str] = {
+    "bad_request": "the request is malformed or a value is out of range",
+    "not_found": "no such product, or no such path",
+    "method_not_allowed": "the path exists, but not with this method",
+    "unsupported_media_type": "the body is not sent as application/json",
+    "payload_too_large": "the body is larger than the service accepts",
+    "unavailable": "a dependency cannot serve the request now; retry after Retry-After",
+    "internal": "a bug; the log holds the details under the request id",
+    "insufficient_stock": "a negative delta would take the stock below 0",
+    "stock_out_of_range": "a positive delta would take the stock above 2147483647",
+    "idempotency_key_reused": "the Idempotency-Key was used with a different request",
+    "idempotency_in_progress": "a request with this Idempotency-Key is still being processed",
+}
+
+# The code for an HTTP error raised by Flask, werkzeug or gunicorn rather than by our views.
+HTTP_STATUS_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
-    409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
-    422: "unprocessable_entity",
     503: "unavailable",
 }
+
+
+def code_for_status(status: int) -> str:
+    return HTTP_STATUS_CODES.get(status, "bad_request" if status < 500 else "internal")
+
+
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (lone surrogates a client sent) escaped, so an
+    error message that quotes the client can always be encoded."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ApiError(Exception):
@@ -39,6 +64,8 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unregistered error code {code!r}: add it to ERROR_CODES")
         super().__init__(message)
         self.status = status
         self.code = code
@@ -56,7 +83,7 @@ class Unavailable(ApiError):
 
 def error_body(code: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
     """The one error shape, as bytes (also what idempotent replays store)."""
-    return orjson.dumps({"error": code, "message": message, **(extra or {})})
+    return orjson.dumps({"error": code, "message": safe_text(message), **(extra or {})})
 
 
 def json_error(
@@ -81,7 +108,7 @@ def _handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     if status >= 500:
         return _handle_unexpected(error)
-    code = CODES.get(status, "bad_request")
+    code = code_for_status(status)
     message = (error.description or error.name or code).strip()
     headers = {k: v for k, v in error.get_headers() if k.lower() in ("allow", "retry-after")}
     return json_error(status, code, message, headers)

@@ -11,21 +11,16 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response
 
-from .validation import BIGINT_MAX, INT32_MAX, INT32_MIN, MAX_LIMIT, MAX_PAGE
-
-ERROR_CODES = [
-    "bad_request",
-    "not_found",
-    "method_not_allowed",
-    "unsupported_media_type",
-    "payload_too_large",
-    "unavailable",
-    "internal",
-    "insufficient_stock",
-    "stock_out_of_range",
-    "idempotency_key_reused",
-    "idempotency_in_progress",
-]
+from .errors import ERROR_CODES
+from .validation import (
+    BIGINT_MAX,
+    IDEMPOTENCY_KEY_PATTERN,
+    INT32_MAX,
+    INT32_MIN,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_LIMIT,
+    MAX_PAGE,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -135,8 +130,8 @@ def document() -> dict[str, Any]:
                             "schema": {
                                 "type": "string",
                                 "minLength": 1,
-                                "maxLength": 255,
-                                "pattern": "^[!-~]+$",
+                                "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+                                "pattern": IDEMPOTENCY_KEY_PATTERN,
                             },
                         },
                     ],
@@ -256,7 +251,7 @@ def document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["error", "message"],
                     "properties": {
-                        "error": {"type": "string", "enum": ERROR_CODES},
+                        "error": {"type": "string", "enum": list(ERROR_CODES)},
                         "message": {"type": "string"},
                     },
                 },

@@ -21,6 +21,8 @@ from flask import Flask, current_app
 from . import db, queries, shared
 from .cache import Cache, get_cache, render
 from .errors import ApiError
+from .nearcache import NearCache, get_near
+from .validation import BIGINT_MAX
 
 log = logging.getLogger("faststock.outbox")
 
@@ -30,19 +32,28 @@ SWEEP_SECONDS = 1.0  # otherwise: picks up what a crashed process or another hos
 
 
 class Keeper:
-    def __init__(self, cache: Cache, pool: db.Pool) -> None:
+    """The one owner of what happens when Redis misses writes: the shared "Redis may be stale"
+    flag (shared.py), the outbox replay, and closing the cache's breaker."""
+
+    def __init__(self, cache: Cache, pool: db.Pool, near: NearCache) -> None:
         self.cache = cache
         self.pool = pool
+        self.near = near
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._pid = 0
         self._running = False
         self._forever = False
-        cache.on_trouble = self.wake
 
     def start(self) -> None:
         """Keep running for the life of this process (each gunicorn worker does)."""
         self._forever = True
+        self.wake()
+
+    def write_missed(self) -> None:
+        """A committed change could not be written through to Redis: no worker of this host may
+        read Redis until the outbox has been replayed."""
+        shared.mark_dirty()
         self.wake()
 
     def wake(self) -> None:
@@ -82,38 +93,71 @@ class Keeper:
     def _pass(self) -> bool:
         """One attempt: True when Redis has every pending write and may be read again."""
         breaker = self.cache.breaker
+        openings = breaker.openings
         if breaker.is_open and not self.cache.ping():
             return False
         seen = shared.dirty_mark()
-        # After an outage, wait for rows other workers are replaying: their entries must be in
-        # Redis before this worker reads it again.
-        if not self.replay(wait=not self.cache.usable()):
+        if not self.replay():
             return False
+        if breaker.openings != openings:
+            return False  # Redis failed again during the pass: the next one must ping first
         shared.mark_clean(seen)
         if breaker.is_open:
             breaker.close()
             log.warning("Redis answers again; pending writes replayed, cache back in use")
+        self.near.heartbeat()
         return True
 
-    def replay(self, *, wait: bool) -> bool:
-        """Write every pending product's current row into Redis; False if either store failed."""
+    def replay(self) -> bool:
+        """Make Redis hold every pending change; False if PostgreSQL or Redis failed.
+
+        Writers leave their record behind (one commit per write); most are for changes already
+        written through, and are simply deleted once Redis is seen to hold their version. The
+        rest are replayed: current rows written (compare-and-set) and announced, so no worker of
+        any host keeps an entry it read from Redis before. No row lock is held while Redis is
+        called, so a hung Redis never stalls writers. Every process replays all it finds
+        (repeats are harmless), so when it finds nothing left, Redis holds every change noted
+        before it looked.
+        """
         while True:
             try:
                 with db.standalone_transaction(self.pool) as cur:
-                    ids = queries.claim_outbox(cur, BATCH, wait=wait)
-                    if ids:
-                        rows = queries.fetch_products(cur, ids)
-                        self.cache.store(
-                            [(pid, v, entry) for pid, v, _, entry in map(render, rows)]
-                        )
-                        queries.clear_outbox(cur, ids)
+                    pending = queries.pending_outbox(cur, BATCH)
+                if not pending:
+                    return True
+                ids = [pid for pid, _ in pending]
+                try:
+                    held = self.cache.stored_versions(ids)
+                except Exception:
+                    # Redis cannot say whether it has these changes (made here or on another
+                    # host): no worker of this host may go on serving its own copies of them.
+                    self.near.changed(ids)
+                    raise
+                done = [(pid, v) for (pid, v), h in zip(pending, held, strict=True) if h and h >= v]
+                stale = [pid for (pid, v), h in zip(pending, held, strict=True) if not h or h < v]
+                if stale:
+                    # This host's workers may hold what Redis holds for these (a change made on
+                    # another host while Redis was unreachable): drop it now, and again once
+                    # Redis has the rows, in case a read took the old one back meanwhile.
+                    self.near.changed(stale)
+                    with db.standalone_transaction(self.pool) as cur:
+                        rows = queries.fetch_products(cur, stale)
+                    rendered = [render(row) for row in rows]
+                    entries = [(pid, version, entry) for pid, version, _, entry in rendered]
+                    self.cache.store(entries, announce=True)
+                    self.near.changed(stale)
+                    stored = {pid: version for pid, version, _ in entries}
+                    # A record whose product is gone (a re-seed) has nothing left to replay.
+                    done += [(pid, stored.get(pid, BIGINT_MAX)) for pid in stale]
+                with db.standalone_transaction(self.pool) as cur:
+                    queries.outbox_replayed(cur, [pid for pid, _ in done], [v for _, v in done])
             except ApiError as exc:
                 log.info("outbox replay postponed, PostgreSQL: %s", exc.message)
                 return False
             except Exception as exc:  # any Redis client failure, as in cache.py
                 log.info("outbox replay postponed, Redis: %s", exc)
                 return False
-            if len(ids) < BATCH:
+            if len(pending) < BATCH:
                 return True
 
 
@@ -122,4 +166,4 @@ def get_keeper(app: Flask | None = None) -> Keeper:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["faststock.outbox"] = Keeper(get_cache(app), db.get_pool(app))
+    app.extensions["faststock.outbox"] = Keeper(get_cache(app), db.get_pool(app), get_near(app))

@@ -6,7 +6,6 @@ are stored in Redis and sent to every client, and a list page is those bytes joi
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,6 +13,8 @@ from flask import Blueprint, Response, current_app, request
 
 from . import db, queries, stock
 from .cache import (
+    BYPASS,
+    HIT,
     MISS,
     MISSING,
     Cache,
@@ -25,70 +26,21 @@ from .cache import (
     product_key,
     render,
 )
-from .errors import ApiError, Unavailable
+from .errors import ApiError
 from .metrics import count_cache
-from .validation import parse_id, parse_json_object, parse_page_args, parse_stock_change
+from .nearcache import Token, get_near
+from .singleflight import get_flight
+from .validation import (
+    parse_id,
+    parse_idempotency_key,
+    parse_json_object,
+    parse_page_args,
+    parse_stock_change,
+)
 
 bp = Blueprint("products", __name__, url_prefix="/api/products")
 
 T = TypeVar("T")
-
-
-class SingleFlight:
-    """Collapses concurrent identical loads in one process into one: the others wait for it.
-
-    When a hot key expires, hundreds of greenlets miss at once; without this each would run the
-    same query. Waiters are bounded by `timeout` and then answer 503 rather than pile up.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls: dict[object, _Call] = {}
-
-    def do(self, key: object, load: Callable[[], T], timeout: float) -> T:
-        with self._lock:
-            call = self._calls.get(key)
-            leader = call is None
-            if leader:
-                call = self._calls[key] = _Call()
-        if not leader:
-            call.waiters += 1
-            if not call.done.wait(timeout):
-                raise Unavailable("timed out waiting for the database")
-            if call.error is not None:
-                raise call.error
-            return call.result
-        try:
-            call.result = load()
-        except ApiError as exc:
-            call.error = exc
-            raise
-        except BaseException:
-            call.error = Unavailable("database unavailable")
-            raise
-        finally:
-            with self._lock:
-                del self._calls[key]
-            call.done.set()
-        return call.result
-
-    def waiters(self, key: object) -> int:
-        """How many callers are waiting on the load of `key` now (for tests and debugging)."""
-        call = self._calls.get(key)
-        return 0 if call is None else call.waiters
-
-
-class _Call:
-    __slots__ = ("done", "error", "result", "waiters")
-
-    def __init__(self) -> None:
-        self.waiters = 0
-        self.done = threading.Event()
-        self.result: object = None
-        self.error: ApiError | None = None
-
-
-_flight = SingleFlight()
 
 
 def _json(body: bytes, cache_state: str | None = None, status: int = 200) -> Response:
@@ -103,16 +55,21 @@ def _not_found(product_id: int, cache_state: str | None = None) -> ApiError:
     return ApiError(404, "not_found", f"product {product_id} does not exist", headers=headers)
 
 
-def _load(key: object, state: str, load: Callable[[], T]) -> T:
+def _load(key: object, state: str, load: Callable[[], T]) -> tuple[T, bool]:
     """Run a database load after a cache miss, shared with concurrent misses of the same key.
 
-    Only on a MISS: with Redis bypassed, a request could otherwise join a load that read the row
-    before a write it must see had committed; a MISS cannot, because that write is in Redis.
+    Returns (result, shared). Only a MISS joins another request's load: with Redis bypassed, a
+    request could otherwise join a load that read the row before a write it must see had
+    committed. A product MISS cannot be in that position, because every answered write is in
+    Redis, so the miss started before it. A list page MISS can (writers never write page keys):
+    a `shared` page result must be checked against Redis before it is served (`list_products`).
     """
     if state != MISS:
-        return load()
-    pool = db.get_pool()
-    return _flight.do(key, load, pool.timeout + pool.statement_timeout_ms / 1000)
+        return load(), False
+    # Waiters outlast the leader's own limits (its read, then its Redis fill), so they never give
+    # up on a load that is still allowed to succeed.
+    redis_timeout = current_app.config["FASTSTOCK"].redis_timeout_ms / 1000
+    return get_flight().do(key, load, db.read_deadline(db.get_pool()) + redis_timeout + 1)
 
 
 def _load_product(cache: Cache, product_id: int, use_cache: bool) -> bytes | None:
@@ -128,32 +85,57 @@ def _load_product(cache: Cache, product_id: int, use_cache: bool) -> bytes | Non
     return entry
 
 
-def _product_entry(product_id: int, endpoint: str) -> tuple[tuple[int, int, bytes], str]:
+def stock_body(product_id: int, stock: int) -> bytes:
+    return b'{"id":%d,"stock":%d}' % (product_id, stock)
+
+
+def list_body(bodies: list[bytes], page: int, limit: int, has_next: bool) -> bytes:
+    """A list page from its products' JSON (the fast lane builds pages with this too)."""
+    next_page = b"%d" % (page + 1) if has_next else b"null"
+    return b'{"items":[%s],"page":%d,"limit":%d,"next_page":%s}' % (
+        b",".join(bodies),
+        page,
+        limit,
+        next_page,
+    )
+
+
+def _product(product_id: int, endpoint: str) -> tuple[bytes, int, str]:
+    """(JSON, stock, cache state): this worker's near cache, then Redis, then PostgreSQL."""
+    near = get_near()
+    token = None
+    if near.usable():
+        hit = near.product(product_id)
+        if hit is not None:
+            count_cache(endpoint, HIT)
+            return hit[0], hit[1], HIT
+        token = near.begin(product_id)  # before Redis is read: a change after it drops the entry
     cache = get_cache()
     state, raw = cache.get(product_key(product_id))
     if raw is None:
-        raw = _load(
+        raw, _ = _load(
             ("p", product_id), state, lambda: _load_product(cache, product_id, state == MISS)
         )
     count_cache(endpoint, state)
     entry = decode_entry(raw) if raw is not None else None
     if entry is None:
         raise _not_found(product_id, state)
-    return entry, state
+    if token is not None and state != BYPASS:
+        near.put_product(product_id, raw, token)
+    return entry[2], entry[1], state
 
 
 @bp.get("/<raw_id>")
 def get_product(raw_id: str) -> Response:
-    product_id = parse_id(raw_id)
-    (_, _, body), state = _product_entry(product_id, "product")
+    body, _, state = _product(parse_id(raw_id), "product")
     return _json(body, state)
 
 
 @bp.get("/<raw_id>/stock")
 def get_stock(raw_id: str) -> Response:
     product_id = parse_id(raw_id)
-    (_, stock, _), state = _product_entry(product_id, "stock")
-    return _json(b'{"id":%d,"stock":%d}' % (product_id, stock), state)
+    _, stock, state = _product(product_id, "stock")
+    return _json(stock_body(product_id, stock), state)
 
 
 def _page_from_db(cache: Cache, page: int, limit: int, use_cache: bool) -> tuple[list[bytes], bool]:
@@ -191,9 +173,38 @@ def _page_from_cache(
     return entries, has_next
 
 
+def _after_shared_load(cache: Cache, page: int, limit: int) -> tuple[list[bytes], bool]:
+    """The page as Redis holds it now that the load this request joined has filled it.
+
+    The joined load may have read a product before a write that answered before this request
+    began; that write is in Redis (or this host bypasses Redis), and the page is assembled from
+    the current product entries, so reading it back gives every product at its newest version.
+    When Redis cannot say, this request loads the page itself.
+    """
+    state, stored, entries = cache.get_page(page, limit)
+    if stored is not None:
+        result = _page_from_cache(cache, stored, entries)
+        if result is not None:
+            return result
+    return _page_from_db(cache, page, limit, use_cache=state != BYPASS)
+
+
 @bp.get("")
 def list_products() -> Response:
     page, limit = parse_page_args(request.args)
+    near = get_near()
+    tokens: dict[int, Token] = {}
+    generation = None
+    if near.usable():
+        found = near.page_bodies(page, limit)
+        if found is not None:
+            count_cache("list", HIT)
+            return _json(list_body(found[0], page, limit, found[1]), HIT)
+        # Products are kept only with a stamp read before Redis is; the ids must be known first,
+        # so a page's products join the near cache from its second read on.
+        known = near.page(page, limit)
+        tokens = {pid: near.begin(pid) for pid in known[0]} if known else {}
+        generation = near.generation
     cache = get_cache()
     state, stored, entries = cache.get_page(page, limit)
     result = None
@@ -202,19 +213,20 @@ def list_products() -> Response:
         if result is None or None in entries:  # not everything came from Redis
             state = MISS
     if result is None:
-        result = _load(
+        result, shared = _load(
             ("l", page, limit), state, lambda: _page_from_db(cache, page, limit, state == MISS)
         )
+        if shared:
+            result = _after_shared_load(cache, page, limit)
     count_cache("list", state)
     items, has_next = result
-    next_page = b"%d" % (page + 1) if has_next else b"null"
-    body = b'{"items":[%s],"page":%d,"limit":%d,"next_page":%s}' % (
-        b",".join(map(entry_body, items)),
-        page,
-        limit,
-        next_page,
-    )
-    return _json(body, state)
+    if generation is not None and state == HIT:
+        ids = decode_page(stored)[0]
+        near.put_page(page, limit, ids, has_next, generation)
+        for product_id, raw in zip(ids, items, strict=True):
+            if product_id in tokens:
+                near.put_product(product_id, raw, tokens[product_id])
+    return _json(list_body([entry_body(raw) for raw in items], page, limit, has_next), state)
 
 
 def _read_body() -> bytes:
@@ -247,7 +259,7 @@ def update_stock(raw_id: str) -> Response:
     product_id = parse_id(raw_id)
     body = parse_json_object(request.mimetype, _read_body())
     change = parse_stock_change(body)
-    key = stock.parse_idempotency_key(request.headers.getlist("Idempotency-Key"))
+    key = parse_idempotency_key(request.headers.getlist("Idempotency-Key"))
     answer = stock.apply(product_id, change, key)
     response = _json(answer.body, status=answer.status)
     if answer.replayed:

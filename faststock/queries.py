@@ -54,7 +54,7 @@ _CHANGE_WITH_OUTBOX = f"""
 def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
     cur.execute(
         _CHANGE_WITH_OUTBOX.format(
-            update="UPDATE products SET stock = %(stock)s, version = version + 1, "
+            update="UPDATE products SET stock = %(stock)s, version = nextval('product_versions'), "
             "updated_at = now() WHERE id = %(id)s"
         ),
         {"id": product_id, "stock": stock},
@@ -66,7 +66,8 @@ def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     """Atomically add `delta`; no row when the product is absent or the result leaves 0..2^31-1."""
     cur.execute(
         _CHANGE_WITH_OUTBOX.format(
-            update="UPDATE products SET stock = stock + %(delta)s, version = version + 1, "
+            update="UPDATE products SET stock = stock + %(delta)s, "
+            "version = nextval('product_versions'), "
             "updated_at = now() "
             "WHERE id = %(id)s AND stock::bigint + %(delta)s BETWEEN 0 AND 2147483647"
         ),
@@ -125,25 +126,24 @@ def store_idempotent_answer(cur: Cursor, key: str, status: int, body: bytes) -> 
     )
 
 
-def outbox_done(cur: Cursor, product_id: int, version: int) -> None:
-    """Redis holds `version` now; a newer change keeps its own record."""
+def pending_outbox(cur: Cursor, limit: int) -> list[tuple[int, int]]:
+    """Up to `limit` (product id, version) records of changes Redis may not hold yet. No lock is
+    taken: the keeper talks to Redis between this and `outbox_replayed`, and a lock held across
+    a Redis timeout would stall every writer of those products."""
     cur.execute(
-        "DELETE FROM cache_outbox WHERE product_id = %s AND version <= %s", (product_id, version)
+        "SELECT product_id, version FROM cache_outbox ORDER BY product_id LIMIT %s", (limit,)
     )
+    return cur.fetchall()
 
 
-def claim_outbox(cur: Cursor, limit: int, *, wait: bool) -> list[int]:
-    """Lock up to `limit` pending products; `wait` waits for rows another worker is replaying."""
-    skip = "" if wait else " SKIP LOCKED"
+def outbox_replayed(cur: Cursor, ids: Sequence[int], versions: Sequence[int]) -> None:
+    """Redis holds `versions[i]` (or newer) of `ids[i]`: drop their records, except where a
+    change committed since has noted a newer version."""
     cur.execute(
-        f"SELECT product_id FROM cache_outbox ORDER BY product_id LIMIT %s FOR UPDATE{skip}",
-        (limit,),
+        "DELETE FROM cache_outbox o USING unnest(%s::bigint[], %s::bigint[]) AS r(id, version) "
+        "WHERE o.product_id = r.id AND o.version <= r.version",
+        (list(ids), list(versions)),
     )
-    return [row[0] for row in cur.fetchall()]
-
-
-def clear_outbox(cur: Cursor, ids: Sequence[int]) -> None:
-    cur.execute("DELETE FROM cache_outbox WHERE product_id = ANY(%s)", (list(ids),))
 
 
 def count_products(cur: Cursor) -> int:
@@ -164,17 +164,23 @@ def create_seed_staging(cur: Cursor) -> None:
     cur.execute("CREATE TEMP TABLE seed_products (LIKE products INCLUDING DEFAULTS) ON COMMIT DROP")
 
 
+def next_version(cur: Cursor) -> int:
+    """A version newer than every one handed out before (one per seed, shared by its rows)."""
+    cur.execute("SELECT nextval('product_versions')")
+    return cur.fetchone()[0]
+
+
 def copy_products(cur: Cursor, data: Any, table: str = "products") -> None:
-    """COPY rows of `id, name, price, stock` (tab-separated text) into `table`."""
+    """COPY rows of `id, name, price, stock, version` (tab-separated text) into `table`."""
     if table not in ("products", "seed_products"):
         raise ValueError(table)
-    cur.copy_expert(f"COPY {table} (id, name, price, stock) FROM STDIN", data)
+    cur.copy_expert(f"COPY {table} (id, name, price, stock, version) FROM STDIN", data)
 
 
 def merge_seed_staging(cur: Cursor) -> int:
     cur.execute(
-        "INSERT INTO products (id, name, price, stock) "
-        "SELECT id, name, price, stock FROM seed_products ON CONFLICT (id) DO NOTHING"
+        "INSERT INTO products (id, name, price, stock, version) "
+        "SELECT id, name, price, stock, version FROM seed_products ON CONFLICT (id) DO NOTHING"
     )
     return cur.rowcount
 

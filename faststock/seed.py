@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 from flask import Flask, current_app
@@ -27,11 +28,12 @@ def product_row(i: int) -> tuple[int, str, str, int]:
     return i, f"Product {i:06d}", f"{cents // 100}.{cents % 100:02d}", (i * 104_729) % 1001
 
 
-def _chunks(first: int, last: int) -> Iterator[tuple[int, io.StringIO]]:
+def _chunks(first: int, last: int, version: int) -> Iterator[tuple[int, io.StringIO]]:
+    tail = f"\t{version}\n"
     for start in range(first, last + 1, CHUNK):
         end = min(start + CHUNK - 1, last)
         buf = io.StringIO()
-        buf.writelines("\t".join(map(str, product_row(i))) + "\n" for i in range(start, end + 1))
+        buf.writelines("\t".join(map(str, product_row(i))) + tail for i in range(start, end + 1))
         buf.seek(0)
         yield end - start + 1, buf
 
@@ -53,8 +55,9 @@ def seed(config: Config, products: int, *, reset: bool = False, if_empty: bool =
             if not fast:
                 queries.create_seed_staging(cur)
             table = "products" if fast else "seed_products"
+            version = queries.next_version(cur)
             with click.progressbar(length=products, label="seeding") as bar:
-                for n, chunk in _chunks(1, products):
+                for n, chunk in _chunks(1, products, version):
                     queries.copy_products(cur, chunk, table)
                     bar.update(n)
             inserted = products if fast else queries.merge_seed_staging(cur)
@@ -75,10 +78,31 @@ def seed(config: Config, products: int, *, reset: bool = False, if_empty: bool =
 @click.option("--products", default=10_000, show_default=True, type=click.IntRange(0, 100_000_000))
 @click.option("--reset", is_flag=True, help="Delete every product first.")
 @click.option("--if-empty", is_flag=True, help="Do nothing unless the table is empty.")
-def seed_command(products: int, reset: bool, if_empty: bool) -> None:
-    """Insert deterministic demo products 1..N (only those missing)."""
-    inserted = seed(current_app.config["FASTSTOCK"], products, reset=reset, if_empty=if_empty)
+@click.option("--force", is_flag=True, help="With --reset: go on even if Redis cannot be cleared.")
+def seed_command(products: int, reset: bool, if_empty: bool, force: bool) -> None:
+    """Insert deterministic demo products 1..N (only those missing), then clear the Redis cache."""
+    config = current_app.config["FASTSTOCK"]
+    # Checked before anything is deleted: a reset the cache never hears of leaves the API
+    # answering X-Cache: HIT with the old rows until their entries expire.
+    if reset and not force and not Cache(config).ping():
+        raise click.ClickException(
+            f"nothing changed: Redis at {_without_password(config.redis_url)} (REDIS_URL) does "
+            f"not answer, so the cache could not be cleared, and the API would go on answering "
+            f"with the old products and stock (X-Cache: HIT) until their entries expire "
+            f"(CACHE_TTL_SECONDS={config.cache_ttl_seconds}). Point REDIS_URL at the API's Redis "
+            f"(for scripts/up: source .run/up-PORT/env), or pass --force to reset anyway."
+        )
+    inserted = seed(config, products, reset=reset, if_empty=if_empty)
     click.echo(f"inserted {inserted} products")
+
+
+def _without_password(url: str) -> str:
+    """The URL fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def init_app(app: Flask) -> None:

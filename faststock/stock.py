@@ -10,17 +10,18 @@ any slower reader from putting the old row back.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import orjson
 
 from . import db, queries, shared
 from .cache import get_cache, render
-from .errors import ApiError, error_body
+from .errors import ApiError, Unavailable, error_body
 from .outbox import get_keeper
 from .validation import INT32_MAX, Change
 
-MAX_KEY_LENGTH = 255
+log = logging.getLogger("faststock.stock")
 
 
 @dataclass(frozen=True)
@@ -28,24 +29,6 @@ class Answer:
     status: int
     body: bytes
     replayed: bool = False
-
-
-def parse_idempotency_key(values: list[str]) -> str | None:
-    """The Idempotency-Key header: 1-255 visible ASCII characters, sent at most once."""
-    if not values:
-        return None
-    key = values[0]
-    if (
-        len(values) > 1
-        or not 1 <= len(key) <= MAX_KEY_LENGTH
-        or not all("!" <= ch <= "~" for ch in key)
-    ):
-        raise ApiError(
-            400,
-            "bad_request",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters, sent once",
-        )
-    return key
 
 
 def fingerprint(product_id: int, change: Change) -> bytes:
@@ -75,10 +58,12 @@ def _run(
     current = queries.fetch_stock(cur, product_id)
     if current is None:
         return _error(404, "not_found", f"product {product_id} does not exist"), None
-    if current + change.value < 0:
-        message = f"not enough stock: {current} left, {-change.value} requested"
+    # The reason comes from the refused change itself, not from `current`: that is read in a
+    # later snapshot, after racing changes may have moved the stock either way.
+    if change.value < 0:
+        message = f"not enough stock to take {-change.value}: the stock cannot go below 0"
         return _error(409, "insufficient_stock", message, stock=current), None
-    message = f"stock would exceed {INT32_MAX}: {current} in stock, {change.value} added"
+    message = f"adding {change.value} would take the stock above {INT32_MAX}"
     return _error(409, "stock_out_of_range", message, stock=current), None
 
 
@@ -90,26 +75,46 @@ def apply(product_id: int, change: Change, key: str | None) -> Answer:
             answer, row = _run(cur, product_id, change)
     else:
         answer, row = _apply_once(product_id, change, key)
+        if answer.replayed and 200 <= answer.status < 300:
+            row = _current_row(product_id)
     if row is not None:
         _write_through(row)
     return answer
 
 
-def _write_through(row: queries.ProductRow) -> None:
-    """After commit: Redis gets the new row, then the outbox record goes; else the keeper runs.
+def _current_row(product_id: int) -> queries.ProductRow | None:
+    """The row as it is now, for a replayed success: its version is at least the one the first
+    request wrote, which may not have reached Redis yet (still in flight, or lost to a 503 at
+    commit). Written through before the replay answers, so a read after it sees that change."""
+    try:
+        with db.cursor() as cur:
+            return queries.fetch_product(cur, product_id)
+    except Unavailable:
+        raise Unavailable("database unavailable; retry with the same Idempotency-Key") from None
 
-    Nothing here may fail the request: the change is committed and must be acknowledged.
+
+def _write_through(row: queries.ProductRow) -> None:
+    """After commit: Redis gets the new row (compare-and-set) and every host hears of the change
+    in the same call; then this host's change stamp moves, so no worker here serves an entry
+    loaded before. Only then may the write answer.
+
+    One commit per write: the outbox record the change left is the keeper's to delete once it
+    sees Redis holds this version. Nothing here may fail the request: the change is committed
+    and must be acknowledged. Only a cache update that did not happen makes the host bypass
+    Redis; a write whose update succeeded leaves Redis trusted, so cached reads go on answering
+    through a PostgreSQL outage.
     """
-    product_id, version, _, entry = render(row)
-    if get_cache().fill([(product_id, version, entry)]):
-        try:
-            with db.cursor() as cur:
-                queries.outbox_done(cur, product_id, version)
-            return
-        except ApiError:
-            pass
-    shared.mark_dirty()
-    get_keeper().wake()
+    keeper = get_keeper()
+    product_id = row[0]
+    try:
+        product_id, version, _, entry = render(row)
+        if get_cache().fill([(product_id, version, entry)], announce=True) is None:
+            keeper.write_missed()
+    except Exception:
+        log.exception("cache update after a committed change failed")
+        keeper.write_missed()
+    finally:
+        shared.changed(product_id)
 
 
 def _apply_once(

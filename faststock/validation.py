@@ -22,6 +22,8 @@ MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
 # The same for every limit, so the bound is simple to document; (page - 1) * limit fits a bigint.
 MAX_PAGE = BIGINT_MAX // MAX_LIMIT + 1
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]+$"  # visible ASCII, for the OpenAPI document
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,12 @@ def _single(args: MultiDict[str, str], name: str) -> str | None:
 
 def parse_page_args(args: MultiDict[str, str]) -> tuple[int, int]:
     """(page, limit): limit 1..100, page 1..MAX_PAGE, so the offset always fits a bigint."""
-    raw_limit = _single(args, "limit")
+    return parse_page(_single(args, "page"), _single(args, "limit"))
+
+
+def parse_page(raw_page: str | None, raw_limit: str | None) -> tuple[int, int]:
+    """(page, limit) from the raw values (None: not given); the fast lane parses with this too."""
     limit = DEFAULT_LIMIT if raw_limit is None else _parse_positive(raw_limit, "limit", MAX_LIMIT)
-    raw_page = _single(args, "page")
     page = 1 if raw_page is None else _parse_positive(raw_page, "page", MAX_PAGE)
     return page, limit
 
@@ -108,7 +113,33 @@ def parse_json_object(mimetype: str, data: bytes) -> dict[str, Any]:
         raise bad_request("the request body is not valid UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise bad_request("the request body must be a JSON object")
+    if not _encodable(value):
+        raise bad_request("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     return value
+
+
+def _encodable(value: object) -> bool:
+    """Whether every string in `value` (keys included) can be encoded as UTF-8 again.
+
+    `json.loads` accepts escapes of lone surrogates such as "\\ud800", which no UTF-8 encoder
+    (orjson's included) will write back out: such a body would fail later, wherever it is echoed.
+    Iterative, so a deeply nested body cannot exhaust the stack.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 def require_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int:
@@ -119,13 +150,35 @@ def require_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int:
     return value
 
 
+def _quoted(name: str, longest: int = 40) -> str:
+    """A client's field name for an error message: JSON-quoted (ASCII only) and shortened."""
+    return json.dumps(name if len(name) <= longest else name[:longest] + "...")
+
+
 def parse_stock_change(body: Mapping[str, Any]) -> Change:
     """`{"stock": N}` sets the stock, `{"delta": K}` adds to it; exactly one of the two."""
     if ("stock" in body) == ("delta" in body):
         raise bad_request("give exactly one of stock (set) or delta (add)")
     unknown = sorted(set(body) - {"stock", "delta"})
     if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
+        raise bad_request(f"unknown field(s): {', '.join(map(_quoted, unknown))}")
     if "stock" in body:
         return Change(require_int(body, "stock", 0, INT32_MAX), delta=False)
     return Change(require_int(body, "delta", INT32_MIN, INT32_MAX), delta=True)
+
+
+def parse_idempotency_key(values: list[str]) -> str | None:
+    """The Idempotency-Key header: 1-255 visible ASCII characters, sent at most once."""
+    if not values:
+        return None
+    key = values[0]
+    if (
+        len(values) > 1
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or not all("!" <= ch <= "~" for ch in key)
+    ):
+        raise bad_request(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters,"
+            " sent once"
+        )
+    return key

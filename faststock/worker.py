@@ -1,75 +1,158 @@
-"""The gunicorn worker: gevent's, plus two things an HTTP API behind a load balancer needs.
+"""The gunicorn worker: gevent's, plus what an HTTP API behind a load balancer needs.
 
-1. On shutdown, connections idle between keep-alive requests are closed at once. Stock gunicorn
-   leaves them open until the graceful timeout, then kills them and writes a 500 on a connection
-   no request was made on, which a client reusing it reads as a failure.
+1. Stopping drops nothing. gunicorn's gevent worker stops when it has served max_requests, on
+   TERM (a HUP reload replaces workers with TERM) and on INT/QUIT (Ctrl-C), and loses requests
+   every time: it closes its listening socket, and connections it had accepted but not started
+   yet then fail asking that closed socket its name (`OSError: [Errno 9]`, the client is cut
+   off); after max_requests nothing closes connections idle between keep-alive requests, so the
+   worker holds on for the whole graceful timeout, and with one worker nobody accepts meanwhile;
+   INT/QUIT exit within 0.1 s, cutting requests in flight, with a SystemExit traceback. This
+   worker stops one way whatever the reason: it stops accepting at once; requests in flight
+   finish (answered with `Connection: close`); a connection waiting for a request gets
+   `STOP_GRACE` seconds to send one, so a client sending requests back to back gets its next one
+   answered and is told to close, instead of seeing the connection closed under a request it is
+   sending; then the connection is closed. The worker exits once its connections are done, or at
+   the graceful timeout; a second Ctrl-C exits at once.
 2. Requests gunicorn rejects itself (request line over 4094 bytes, oversized or malformed headers,
    a broken chunked body) are answered with the API's JSON error shape instead of an HTML page.
 """
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import gevent
+import gevent.event
+from gevent.pool import Pool
+from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
-from .errors import CODES, error_body
+from .errors import code_for_status, error_body
+
+# Seconds a connection waiting for a request is kept once the worker stops. A client that sends
+# requests back to back sends its next one well within this; an idle one is closed after it.
+STOP_GRACE = 1.0
+
+
+class _Listener:
+    """Stands in for a listening socket in gunicorn's `handle`, which asks it only for its name.
+    The name is read at start-up: by the time a connection is handled, the worker may have closed
+    the socket to stop accepting."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: Any) -> None:
+        self._name = name
+
+    def getsockname(self) -> Any:
+        return self._name
 
 
 class Worker(GeventWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._stopping = gevent.event.Event()  # set when `alive` turns False
+        self._hurry = gevent.event.Event()  # set by a repeated INT/QUIT: exit without waiting
+        self._quit_signals: set[int] = set()
+        self._waiting: dict[gevent.Greenlet, gevent.Timeout] = {}  # connections between requests
         super().__init__(*args, **kwargs)
-        self._served: set[gevent.Greenlet] = set()  # connections that answered a request
-        self._idle: set[gevent.Greenlet] = set()  # ...and now wait for the next one
 
-    def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        try:
-            super().handle(listener, client, addr)
-        finally:
-            self._served.discard(gevent.getcurrent())
+    @property
+    def alive(self) -> bool:
+        return self._alive
 
-    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
-        try:
-            return super().handle_request(listener_name, req, sock, addr)
-        finally:
-            self._served.add(gevent.getcurrent())
+    @alive.setter
+    def alive(self, value: bool) -> None:
+        """gunicorn stops a worker by setting `alive` to False: after max_requests (inside a
+        request), on TERM, INT or QUIT, when the reloader sees a change. Catching that assignment
+        wakes `run` to stop the same way for every reason, at once rather than at the next
+        one-second tick of gunicorn's loop, during which the worker would go on accepting."""
+        if not value:
+            self._stopping.set()
+        self._alive = value
+
+    def run(self) -> None:
+        """gunicorn's gevent `run`, stopping as the module docstring says."""
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        servers = []
+        for sock in self.sockets:
+            sock.setblocking(1)
+            handle = partial(self.handle, _Listener(sock.getsockname()))
+            server = StreamServer(
+                sock, handle=handle, spawn=Pool(self.worker_connections), **ssl_args
+            )
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            servers.append(server)
+
+        while self.alive:
+            self.notify()
+            self._stopping.wait(1.0)
+
+        for server in servers:
+            server.close()  # stop accepting: the master and the other workers keep the port
+        ending = gevent.get_hub().loop.timer(STOP_GRACE)
+        ending.start(self._end_waits)
+
+        def drain() -> None:
+            for server in servers:
+                server.pool.join()
+
+        drained = gevent.spawn(drain)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while not drained.ready() and not self._hurry.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+                break
+            self.notify()
+            gevent.wait([drained, self._hurry], timeout=min(left, 1.0), count=1)
+        # Done. Python restores default handlers while it finalizes, and the QUIT the master
+        # sends on Ctrl-C often arrives then, after the INT this worker got from the terminal:
+        # it would kill the worker ("was sent SIGQUIT!" in the log, maybe a core dump).
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
     @contextmanager
     def timeout_ctx(self) -> Iterator[None]:
-        """Wraps each wait for a request. A connection waiting for its first request is left
-        alone at shutdown (its request may be on the wire); one that has been answered and sits
-        idle is remembered, so shutdown can close it."""
+        """Wraps each wait for a request on a connection, with the keep-alive timeout, or
+        `STOP_GRACE` once the worker stops; `_end_waits` can cut it short with the same timeout,
+        which ends the wait as if it had expired (no request: the connection closes)."""
+        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else STOP_GRACE, False)
         current = gevent.getcurrent()
-        idle = current in self._served
-        if idle:
-            self._idle.add(current)
+        self._waiting[current] = timeout
         try:
-            with gevent.Timeout(self.cfg.keepalive, False):
+            with timeout:
                 yield
         finally:
-            if idle:
-                self._idle.discard(current)
+            del self._waiting[current]
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        super().handle_exit(sig, frame)
-        gevent.spawn(self._close_idle)
+    def _end_waits(self) -> None:
+        """Close the connections still waiting for a request `STOP_GRACE` after the stop. Runs
+        in the hub (a timer callback), so no connection can start a request between the check
+        and the throw."""
+        for greenlet, timeout in list(self._waiting.items()):
+            if self._waiting.get(greenlet) is timeout:
+                greenlet.throw(timeout)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
-        super().handle_quit(sig, frame)
-        gevent.spawn(self._close_idle)
-
-    def _close_idle(self) -> None:
-        for greenlet in list(self._idle):
-            greenlet.kill(block=False)
-
-    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        if req is None and isinstance(exc, gevent.GreenletExit):
-            return  # an idle keep-alive connection closed at shutdown: there is nothing to answer
-        super().handle_error(req, client, addr, exc)
+        """INT and QUIT stop the worker like TERM, quietly (gunicorn's exits from a greenlet
+        with sys.exit, cutting requests in flight and printing a SystemExit traceback). Ctrl-C
+        sends INT to the master and the workers alike, and the master sends QUIT: the same
+        signal a second time (Ctrl-C again) means exit without waiting."""
+        if sig in self._quit_signals:
+            self._hurry.set()
+        self._quit_signals.add(sig)
+        if self.alive:
+            gevent.spawn(self.cfg.worker_int, self)  # the hook may block: not in a signal handler
+        self.alive = False
 
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
@@ -80,7 +163,7 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     """
     if status_int == 501:
         status_int, reason = 400, "Bad Request"
-    code = CODES.get(status_int, "bad_request" if status_int < 500 else "internal")
+    code = code_for_status(status_int)
     body = error_body(code, mesg or reason)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"

@@ -3,7 +3,7 @@
 # needs and starts/stops throwaway PostgreSQL and Redis servers. Source it; it defines functions only.
 
 FS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FS_VENV="$FS_ROOT/.venv"
+FS_VENV="${FS_VENV:-$FS_ROOT/.venv}"
 FS_RUN="${FS_RUN:-$FS_ROOT/.run}"
 
 fs_log() { printf '[faststock] %s\n' "$*" >&2; }
@@ -31,11 +31,21 @@ fs_brew_install() {
   brew install "$@" >&2
 }
 
-# fs_ensure_venv [dev]: .venv with requirements.txt (and requirements-dev.txt for "dev"), reinstalled
-# only when a requirements file changed since the last install.
+# fs_stamp_has FILE LINE...: FILE exists and has each LINE as one of its lines.
+fs_stamp_has() {
+  local file=$1 line
+  shift
+  for line in "$@"; do grep -qxF -- "$line" "$file" 2>/dev/null || return 1; done
+}
+
+# fs_ensure_venv [dev]: .venv with requirements.txt (and requirements-dev.txt for "dev"). The stamp
+# lists each requirements file installed and its checksum, and a call installs only when a file it
+# needs is not listed as it is now: a dev install (requirements-dev.txt includes requirements.txt)
+# also satisfies scripts/up, so switching between scripts/up, scripts/test and scripts/bench
+# installs nothing. Installs are serialised by a lock, for two scripts started at once.
 fs_ensure_venv() {
-  local files=("$FS_ROOT/requirements.txt") stamp want py
-  [ "${1:-}" = dev ] && files+=("$FS_ROOT/requirements-dev.txt")
+  local names=(requirements.txt) want=() stamp="$FS_VENV/.faststock-installed" py name
+  [ "${1:-}" = dev ] && names+=(requirements-dev.txt)
   py=${PYTHON:-$(command -v python3)} ||
     fs_die "python3 (3.11 or newer) is needed"
   "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fs_die "$py is older than Python 3.11"
@@ -45,16 +55,20 @@ fs_ensure_venv() {
       fs_apt_install python3-venv && "$py" -m venv "$FS_VENV"
     } || fs_die "could not create a virtualenv with $py"
   fi
-  want=$(cat "${files[@]}" | cksum)
-  stamp="$FS_VENV/.faststock-installed"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    fs_log "installing Python packages into $FS_VENV"
-    "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-    local args=() f
-    for f in "${files[@]}"; do args+=(-r "$f"); done
-    "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check "${args[@]}" >&2 ||
-      fs_die "pip install failed"
-    echo "$want" >"$stamp"
+  for name in "${names[@]}"; do want+=("$name $(cksum <"$FS_ROOT/$name")"); done
+  if ! fs_stamp_has "$stamp" "${want[@]}"; then
+    exec 8>"$FS_VENV/.faststock-lock"
+    "$py" -c 'import fcntl; fcntl.flock(8, fcntl.LOCK_EX)'
+    if ! fs_stamp_has "$stamp" "${want[@]}"; then # unless another script installed it while we waited
+      fs_log "installing Python packages into $FS_VENV"
+      "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+      local args=()
+      for name in "${names[@]}"; do args+=(-r "$FS_ROOT/$name"); done
+      "$FS_VENV/bin/python" -m pip install -q --disable-pip-version-check "${args[@]}" >&2 ||
+        fs_die "pip install failed"
+      printf '%s\n' "${want[@]}" >"$stamp"
+    fi
+    exec 8>&-
   fi
   export PATH="$FS_VENV/bin:$PATH"
 }
@@ -65,6 +79,7 @@ fs_find_pg_bin() {
     d=$(dirname "$(readlink -f "$(command -v pg_ctl)")")
     [ -x "$d/initdb" ] && [ -x "$d/psql" ] && { echo "$d"; return 0; }
   fi
+  # shellcheck disable=SC2012 # the only names here are /usr/lib/postgresql/NN/bin
   for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r) \
     /opt/homebrew/opt/postgresql@*/bin /usr/local/opt/postgresql@*/bin; do
     [ -x "$d/pg_ctl" ] && [ -x "$d/initdb" ] && { echo "$d"; return 0; }
@@ -94,6 +109,31 @@ fs_ensure_redis() {
 
 fs_free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# fs_bind_error HOST PORT: fails, printing why, unless HOST:PORT can be bound now. SO_REUSEADDR
+# as gunicorn sets it, so that a closed connection lingering in TIME_WAIT does not count.
+fs_bind_error() {
+  python3 - "$1" "$2" <<'PY'
+import socket, sys
+try:
+    host, port = sys.argv[1], int(sys.argv[2])
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(address)
+except OSError as exc:
+    print(exc.strerror or exc)
+    sys.exit(1)
+PY
+}
+
+# fs_lock FILE: take an exclusive lock on FILE, held until this shell exits, or fail at once if
+# another process holds it. It lives on file descriptor 9, which the servers started here close,
+# so that a server outliving its script never holds the lock.
+fs_lock() {
+  exec 9>"$1"
+  python3 -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null
 }
 
 # PostgreSQL refuses to run as root; as root we run it as an unprivileged account.
@@ -129,8 +169,11 @@ fs_pg_datadir() {
 }
 
 # fs_pg_start DIR PORT: a throwaway cluster in DIR listening on 127.0.0.1:PORT with a "faststock"
-# superuser and database (trust auth: it only listens on loopback). FS_PG_FAST=1 turns off fsync;
-# FS_PG_OPTS adds server options (the suite loads pg_stat_statements to count queries).
+# superuser and database (trust auth: it only listens on loopback). No replica is ever made of it,
+# so WAL is minimal (a COPY into a table truncated in the same transaction, as `seed --reset`
+# does, writes none) and kept small: without limits a few million-row seeds leave ~0.5 GB of WAL.
+# FS_PG_FAST=1 turns off fsync; FS_PG_OPTS adds server options (the suite loads
+# pg_stat_statements to count queries).
 fs_pg_start() {
   local dir=$1 port=$2 data opts
   [ -n "${FS_PG_BIN:-}" ] || fs_ensure_pg
@@ -140,11 +183,12 @@ fs_pg_start() {
       >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; fs_die "initdb failed"; }
   fi
   opts="-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='' -c max_connections=300"
+  opts="$opts -c wal_level=minimal -c max_wal_senders=0 -c max_wal_size=128MB -c min_wal_size=32MB"
   if [ "${FS_PG_FAST:-0}" = 1 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
   opts="$opts ${FS_PG_OPTS:-}"
-  fs_as_pg_user "$FS_PG_BIN/pg_ctl" -D "$data" -o "$opts" -l "$data/server.log" -w -t 60 start >/dev/null ||
+  fs_as_pg_user "$FS_PG_BIN/pg_ctl" -D "$data" -o "$opts" -l "$data/server.log" -w -t 60 start >/dev/null 9>&- ||
     { tail -n 20 "$data/server.log" >&2; fs_die "PostgreSQL did not start"; }
   echo "$port" >"$dir/port"
   "$FS_PG_BIN/psql" -h 127.0.0.1 -p "$port" -U faststock -d postgres -tAq \
@@ -171,14 +215,14 @@ fs_pg_destroy() {
 
 # fs_redis_start DIR PORT: a throwaway, non-persistent Redis on 127.0.0.1:PORT.
 fs_redis_start() {
-  local dir=$1 port=$2 i
+  local dir=$1 port=$2
   [ -n "${FS_REDIS_SERVER:-}" ] || fs_ensure_redis
   mkdir -p "$dir"
   "$FS_REDIS_SERVER" --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" --maxclients 10000 ||
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" --maxclients 10000 9>&- ||
     fs_die "redis-server did not start"
   echo "$port" >"$dir/port"
-  for i in $(seq 1 200); do
+  for _ in $(seq 1 200); do
     if python3 - "$port" <<'PY' 2>/dev/null; then return 0; fi
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
@@ -202,12 +246,12 @@ fs_alive() {
 }
 
 fs_redis_stop() {
-  local dir=$1 pid i
+  local dir=$1 pid
   [ -f "$dir/redis.pid" ] || return 0
   pid=$(cat "$dir/redis.pid")
   kill -CONT "$pid" 2>/dev/null || true
   kill -TERM "$pid" 2>/dev/null || { rm -f "$dir/redis.pid"; return 0; }
-  for i in $(seq 1 200); do
+  for _ in $(seq 1 200); do
     fs_alive "$pid" || break
     sleep 0.05
   done

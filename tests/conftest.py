@@ -28,6 +28,14 @@ from faststock.seed import seed
 from tests.servers import LiveServer, PgServer, RedisServer
 
 SEEDED = 100
+# Tests that use any of these run real processes: they get the `live` marker without saying so.
+LIVE_FIXTURES = {"live_server", "private_pg", "private_redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.live)
 
 
 def _with_database(url: str, name: str) -> str:
@@ -132,6 +140,21 @@ def sql(database_url: str) -> Iterator[Callable[..., list[tuple]]]:
 
     yield run
     conn.close()
+
+
+@pytest.fixture
+def changes(sql: Callable[..., list[tuple]]) -> Callable[[int], tuple[int, int]]:
+    """(stock, changes since the seed) of a product. Versions come from one shared sequence, so
+    the count is the distance from the version of a product no test changes (the last one)."""
+
+    def read(product_id: int) -> tuple[int, int]:
+        query = (
+            "SELECT stock, version - (SELECT version FROM products WHERE id = %s) "
+            "FROM products WHERE id = %s"
+        )
+        return sql(query, SEEDED, product_id)[0]
+
+    return read
 
 
 @pytest.fixture

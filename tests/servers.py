@@ -12,11 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg2
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,3 +233,99 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
+
+
+# HTTP helpers shared by the live tests (real gunicorn): one place, so test modules never
+# import each other.
+
+
+def fire(calls: list[Callable[[], requests.Response]]) -> list[requests.Response]:
+    """Run every call at the same moment, each on its own thread and connection."""
+    barrier = threading.Barrier(len(calls), timeout=60)
+
+    def run(call: Callable[[], requests.Response]) -> requests.Response:
+        barrier.wait()
+        return call()
+
+    threading.stack_size(256 * 1024)
+    try:
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            return list(pool.map(run, calls))
+    finally:
+        threading.stack_size(0)
+
+
+@contextmanager
+def row_locked(database_url: str, product_id: int) -> Iterator[None]:
+    """Hold a row lock from another session, so a write to that row blocks inside PostgreSQL."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM products WHERE id = %s FOR UPDATE", (product_id,))
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def wait_for_lock_waiter(
+    sql: Callable[..., list[tuple]], timeout: float = 10, count: int = 1
+) -> None:
+    """Poll until `count` sessions are blocked on a lock: the writes have reached PostgreSQL."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    blocked = poll(lambda: sql(query)[0][0] >= count, within=timeout)
+    assert blocked, "the write never blocked on the row lock"
+
+
+def post_stock(server, product_id: int, **body: int) -> requests.Response:
+    """POST update-stock without keep-alive: an idle kept-alive socket would hold gunicorn's
+    graceful shutdown for its whole timeout when the fixture stops the server."""
+    return requests.post(
+        server.url(f"/api/products/{product_id}/update-stock"),
+        json=body,
+        timeout=30,
+        headers={"Connection": "close"},
+    )
+
+
+def get(server, path: str, timeout: float = 10) -> requests.Response:
+    response = requests.get(server.url(path), timeout=timeout, headers={"Connection": "close"})
+    response.close()
+    return response
+
+
+def timed_get(server, path: str) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = get(server, path)
+    return response, time.monotonic() - started
+
+
+@contextmanager
+def writing(server, product_ids: list[int], limit: int = 20_000) -> Iterator[list[int]]:
+    """Keep one keep-alive client per product adding 1 to its stock, in a loop, until the block
+    ends (or `limit` answers); yields the statuses as they come (0: no answer)."""
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def writer(product_id: int) -> None:
+        with requests.Session() as s:
+            while not stop.is_set() and len(outcomes) < limit:
+                try:
+                    r = s.post(
+                        server.url(f"/api/products/{product_id}/update-stock"),
+                        json={"delta": 1},
+                        timeout=10,
+                    )
+                    outcomes.append(r.status_code)
+                except requests.RequestException:
+                    outcomes.append(0)
+
+    threads = [threading.Thread(target=writer, args=(pid,)) for pid in product_ids]
+    for t in threads:
+        t.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)

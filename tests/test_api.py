@@ -115,11 +115,11 @@ def test_bad_list_queries_are_400(client, query):
     assert response.get_json()["error"] == "bad_request"
 
 
-def test_update_stock_sets_value(client, sql):
+def test_update_stock_sets_value(client, changes):
     response = client.post("/api/products/5/update-stock", json={"stock": 77})
     assert response.status_code == 200
     assert response.get_json() == {"id": 5, "stock": 77}
-    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(77, 2)]
+    assert changes(5) == (77, 1)
 
 
 @pytest.mark.parametrize("value", [0, 2147483647])
@@ -158,11 +158,11 @@ def test_update_stock_bounds(client, value):
         b"[" * 5000 + b"]" * 5000,
     ],
 )
-def test_update_stock_invalid_bodies_are_400(client, sql, body):
+def test_update_stock_invalid_bodies_are_400(client, changes, body):
     response = client.post("/api/products/5/update-stock", data=body, headers=JSON)
     assert response.status_code == 400, response.data
     assert response.get_json()["error"] == "bad_request"
-    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(product_row(5)[3], 1)]
+    assert changes(5) == (product_row(5)[3], 0)
 
 
 def test_update_stock_absent_product_is_404(client):
@@ -291,3 +291,42 @@ def test_redis_keys_are_namespaced(client, config):
     client.get("/api/products?page=1")
     keys = redis_lib.Redis.from_url(config.redis_url).keys("*")
     assert keys and all(k.startswith(b"fs1:") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"delta":1,"\\ud800":0}',
+        b'{"stock":1,"\\udfff\\ud800x":0}',
+        b'{"delta":1,"note":"\\udc80"}',
+        b'{"delta":1,"deep":[{"x":["\\ud834"]}]}',
+        b'{"\\ud800":1}',
+    ],
+)
+def test_lone_surrogates_are_400_never_500(client, changes, body):
+    response = client.post("/api/products/5/update-stock", data=body, headers=JSON)
+    assert response.status_code == 400, response.data
+    assert response.get_json()["error"] == "bad_request"
+    response.data.decode("utf-8")  # strict: the answer itself is valid UTF-8
+    assert changes(5) == (product_row(5)[3], 0)
+
+
+def test_unknown_field_names_are_quoted_and_shortened(client):
+    body = {"delta": 1, "é" + "x" * 500: 0}
+    message = client.post("/api/products/5/update-stock", json=body).get_json()["message"]
+    assert message.isascii() and len(message) < 120
+
+
+def test_error_messages_never_fail_to_encode():
+    from faststock.errors import error_body
+
+    assert b"\\\\ud800" in error_body("bad_request", "field \ud800 unknown")
+
+
+def test_one_registry_of_error_codes(client):
+    from faststock.errors import ERROR_CODES, ApiError
+
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["Error"]
+    assert schema["properties"]["error"]["enum"] == list(ERROR_CODES)
+    with pytest.raises(ValueError, match="unregistered"):
+        ApiError(409, "conflict", "not a code the API documents")

@@ -2,7 +2,8 @@
 
 The end-to-end runs are tiny (a few VUs for a few seconds on 200 products) and use a BENCH_DIR of
 their own, so they neither measure anything nor disturb a benchmark someone runs at the same time;
-they check that the table comes out and that everything scripts/bench started is gone afterwards.
+they check that the table (with its ratios to the raw reference, and the targets), the Markdown
+and the charts come out, and that everything scripts/bench started is gone afterwards.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from tests.servers import BIN, ROOT
 
 BENCH = ROOT / "scripts" / "bench"
 K6_SCRIPTS = sorted(p for p in (ROOT / "k6").glob("*.js") if p.name != "lib.js")  # lib: imported
-COLUMNS = ["script", "VUs", "duration", "req/s", "avg ms", "p90 ms", "p95 ms", "p99 ms"]
-COLUMNS += ["failed %", "cache hit %", "result"]
+COLUMNS = ["script", "VUs", "duration", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms", "p95 ms"]
+COLUMNS += ["p99 ms", "failed %", "cache hit %", "result"]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def k6(*args: str) -> subprocess.CompletedProcess:
@@ -44,7 +46,7 @@ def k6_inspect(script: Path, *args: str) -> dict:
 def test_k6_scripts_present():
     names = {p.stem for p in K6_SCRIPTS}
     assert names >= {"product", "stock", "products", "update-stock", "mixed"}
-    assert names >= {"spike", "redis-outage"}
+    assert names >= {"spike", "redis-outage", "deltas", "seed-stock", "seed-pagination"}
     assert (ROOT / "k6" / "lib.js").is_file()
 
 
@@ -64,6 +66,14 @@ def test_update_stock_runs_its_scenarios_one_after_the_other():
     assert random["vus"] == hot["vus"] == 7
     assert hot["startTime"] == "15s"  # after random's 10 s and its 5 s graceful stop
     assert options["thresholds"]["http_reqs{scenario:hot}"] == ["count>0"]
+
+
+@pytest.mark.parametrize(("script", "vus"), [("seed-stock", 300), ("seed-pagination", 200)])
+def test_the_seed_scenarios_have_the_seeds_shape(script, vus):
+    """As the seed's README gives them: 300 and 200 VUs for 30 s (scripts/bench passes VUS)."""
+    options = k6_inspect(ROOT / "k6" / f"{script}.js")
+    assert (options["vus"], options["duration"]) == (vus, "30s")
+    assert k6_inspect(ROOT / "k6" / f"{script}.js", "-e", "VUS=7")["vus"] == 7
 
 
 def test_spike_ramps_up_holds_and_ramps_down():
@@ -120,10 +130,12 @@ def run_bench(args: list[str], env: dict[str, str], timeout: float) -> subproces
 
 
 def table_rows(stdout: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in stdout.splitlines() if line.strip()]
+    """The table's rows by script name: from its header to the first blank line (the notes)."""
+    lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["script", "VUs"])
+    end = next((i for i in range(header, len(lines)) if not lines[i].strip()), len(lines))
     rows = {}
-    for line in lines[header + 1 :]:
+    for line in lines[header + 1 : end]:
         cells = line.split()
         if len(cells) == len(COLUMNS) - 1:  # a scenario's or phase's row: no result of its own
             cells.append("")
@@ -173,6 +185,9 @@ def assert_all_stopped(bench_dir: Path) -> None:
     assert started["pg_datadir"], started
     assert not Path(started["pg_datadir"]).exists(), "PostgreSQL's data directory was left behind"
     assert not (bench_dir / "redis" / "redis.pid").exists(), "Redis was not stopped"
+    if started["raw_pid"]:  # the raw reference's gunicorn
+        assert not running(int(started["raw_pid"])), "the raw reference was left running"
+        assert refused(int(started["raw_port"])), "the raw reference still accepts connections"
 
 
 def test_bench_product_end_to_end(tmp_path):
@@ -183,10 +198,16 @@ def test_bench_product_end_to_end(tmp_path):
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, output
 
-    row = table_rows(result.stdout).get("product")
+    rows = table_rows(result.stdout)
+    row = rows.get("product")
     assert row is not None, output
     assert row["VUs"] == "5" and row["duration"] == "2s", output
     assert float(row["req/s"]) > 0, output
+    # Its raw reference ran first, in the same shape, and the row is a ratio to it.
+    assert list(rows) == ["raw", "product"], output
+    assert rows["raw"]["x raw"] == "ref" and rows["raw"]["VUs"] == "5", output
+    ratio = float(row["req/s"]) / float(rows["raw"]["req/s"])
+    assert abs(float(row["x raw"].rstrip("x")) - ratio) <= 0.01, output
     assert float(row["failed %"]) == 0, output
     assert float(row["p99 ms"]) >= float(row["p90 ms"]) > 0, output
     assert row["result"] == "ok", output
@@ -245,9 +266,94 @@ def test_bench_spike_end_to_end(tmp_path):
     assert_all_stopped(bench_dir)
 
 
+def test_bench_pinned_compare_end_to_end(tmp_path):
+    """`scripts/bench --pin --save compare`, tiny: every scenario after its raw reference, pgbench,
+    the targets, the Markdown and the charts, copied where --save says, and the run labelled."""
+    bench_dir, docs = tmp_path / "bench", tmp_path / "docs" / "bench"
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:latest -->\nnone yet\n<!-- /bench:latest -->\n")
+    settings = {"VUS": "3", "SEED_STOCK_VUS": "3", "SEED_PAGINATION_VUS": "3", "DURATION": "1s"}
+    settings |= {"FAST_LANE": "0", "BENCH_LABEL": "e2e", "BENCH_SAVE_DIR": str(docs)}
+    settings |= {"BENCH_README": str(readme)}
+    result = run_bench(["--pin", "--save", "compare"], bench_env(bench_dir, **settings), 240)
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, output
+
+    rows = table_rows(result.stdout)
+    order = ["raw", "product", "stock", "products", "deltas", "pgbench", "raw-seed-stock"]
+    order += ["seed-stock", "raw-seed-pagination", "seed-pagination"]
+    assert list(rows) == order, output
+    assert all(row["result"] == "ok" and row["VUs"] == "3" for row in rows.values()), output
+    assert [rows[n]["x raw"] for n in order if n.startswith("raw")] == ["ref"] * 3, output
+    for name in ("product", "stock", "products", "deltas", "seed-stock", "seed-pagination"):
+        assert float(rows[name]["x raw"].rstrip("x")) > 0, output
+    assert float(rows["pgbench"]["req/s"]) > 0 and rows["pgbench"]["failed %"] == "0.00", output
+    assert "the composed limit" in result.stdout, output
+
+    targets = result.stdout.split("targets (issue 9", 1)[1].splitlines()[2:]
+    verdicts = [line.split()[-1] for line in targets if line.split()[-1] in ("PASS", "FAIL")]
+    assert len(verdicts) == 7, output
+    assert "product, stock, products, deltas, pgbench at 3 VUs, not 50" in targets[-1], output
+
+    meta = json.loads((bench_dir / "meta.json").read_text())
+    assert (meta["pinned"], meta["server_cpus"], meta["client_cpus"]) == ("1", "1", "0"), meta
+    assert meta["workers"] == "1" and meta["label"] == "e2e", meta
+    assert meta["settings"] == {"WEB_CONCURRENCY": "1", "FAST_LANE": "0"}, meta
+    markdown = (bench_dir / "results.md").read_text()
+    assert "settings: WEB_CONCURRENCY=1, FAST_LANE=0; 200 products; label: e2e" in markdown
+    assert (
+        "| seed-pagination | 3 | 1s |" in markdown and "![req/s per scenario](reqs.png)" in markdown
+    )
+    for name in ("reqs.png", "latency.png"):
+        assert (bench_dir / name).read_bytes()[:8] == PNG
+        assert (docs / name).read_bytes() == (bench_dir / name).read_bytes()
+    assert (docs / "results.md").read_text() == markdown
+    block = readme.read_text()
+    assert "none yet" not in block and "![req/s per scenario](docs/bench/reqs.png)" in block
+    assert_all_stopped(bench_dir)
+
+
+@pytest.mark.parametrize(
+    ("args", "settings", "message"),
+    [
+        (["--bogus"], {}, "unknown option '--bogus'"),
+        (["pgbench"], {"DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}, "DATABASE_URL"),
+        (["product"], {"BENCH_RAW": "yes"}, "BENCH_RAW must be 0 or 1"),
+        (["--pin", "product"], {"PIN_SERVER_CPU": "4096"}, "cannot run on CPU 4096"),
+    ],
+)
+def test_bench_refuses_what_it_cannot_do_before_starting_anything(
+    tmp_path, args, settings, message
+):
+    result = run_bench(args, bench_env(tmp_path / "bench", **settings), timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bench").exists()
+
+
 def test_bench_redis_modes_need_its_own_redis(tmp_path):
     env = bench_env(tmp_path / "bench", REDIS_URL="redis://127.0.0.1:1/0")
     result = run_bench(["redis-outage"], env, timeout=60)
     assert result.returncode != 0
     assert "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "bench").exists()  # refused before starting anything
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("DB_POOL_SIZE=abc", "DB_POOL_SIZE must be a whole number, got 'abc'"),
+        ("LOG_LEVEL=chatty", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_bench_refuses_a_bad_setting_in_one_line_before_starting_anything(
+    tmp_path, setting, message
+):
+    name, value = setting.split("=")
+    result = run_bench(["product"], bench_env(tmp_path / "bench", **{name: value}), timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback, nothing started to log about
+    assert lines[0].startswith(f"faststock: configuration error: {message}"), result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "bench").exists()  # no lock, no PostgreSQL, no Redis, no gunicorn

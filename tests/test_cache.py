@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg2
 import pytest
 import redis as redis_lib
 
@@ -96,12 +99,12 @@ def test_cache_ttl_setting_is_used(make_app, config):
     assert 0 < redis_lib.Redis.from_url(config.redis_url).pttl(product_key(1)) <= 7700
 
 
-def test_older_version_never_replaces_newer(config):
-    cache = Cache(config)
-    assert cache.fill([(1, 5, encode_entry(5, 50, b"{}"))])
-    cache.fill([(1, 4, encode_entry(4, 40, b"{}"))])
+def test_older_version_never_replaces_newer(fresh):
+    cache = Cache(fresh)
+    assert cache.fill([(1, 5, encode_entry(5, 50, b"{}"))]) == 1
+    assert cache.fill([(1, 4, encode_entry(4, 40, b"{}"))]) == 0  # told, but nothing stored
     assert cache.get(product_key(1))[1] == encode_entry(5, 50, b"{}")
-    cache.fill([(1, 6, encode_entry(6, 60, b"{}"))])
+    assert cache.fill([(1, 6, encode_entry(6, 60, b"{}"))]) == 1
     assert cache.get(product_key(1))[1] == encode_entry(6, 60, b"{}")
     cache.remember_missing(1)
     assert cache.get(product_key(1))[1] == encode_entry(6, 60, b"{}")
@@ -154,3 +157,53 @@ def test_redis_client_does_not_retry(config):
     cache = Cache(Config(**{**config.__dict__, "redis_url": "redis://127.0.0.1:1/0"}))
     assert cache.pool.connection_kwargs["retry"]._retries == 0
     assert cache.get(product_key(1)) == ("BYPASS", None)
+
+
+def test_keeper_holds_no_outbox_lock_while_redis_is_called(app, fresh, sql):
+    """A keeper blocked in a Redis call (hung Redis) must not stall writers of its products."""
+    from faststock import outbox, queries
+
+    keeper = outbox.get_keeper(app)
+    sql("INSERT INTO cache_outbox (product_id, version) VALUES (7, 1)")
+    in_redis, release = threading.Event(), threading.Event()
+    real_store = keeper.cache.store
+
+    def hung_store(*args, **kwargs):
+        in_redis.set()
+        assert release.wait(20)  # test-only delay standing in for a Redis timeout
+        return real_store(*args, **kwargs)
+
+    keeper.cache.store = hung_store
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            replayed = pool.submit(keeper.replay)
+            assert in_redis.wait(20)
+            with psycopg2.connect(fresh.database_url) as conn, conn.cursor() as cur:
+                cur.execute("SET lock_timeout = '500ms'")
+                assert queries.add_stock(cur, 7, 1) is not None  # not blocked by the keeper
+            release.set()
+            assert replayed.result(20) is True
+    finally:
+        release.set()
+        keeper.cache.store = real_store
+    # the writer's newer record is kept: Redis has not seen that version yet
+    assert sql("SELECT count(*) FROM cache_outbox WHERE product_id = 7") == [(1,)]
+
+
+def test_keeper_does_not_close_a_breaker_that_opened_during_its_pass(app, monkeypatch):
+    from faststock import outbox
+
+    keeper = outbox.get_keeper(app)
+    breaker = keeper.cache.breaker
+
+    def replay_while_redis_fails():
+        for _ in range(breaker.threshold):
+            breaker.failure()
+        return True
+
+    monkeypatch.setattr(keeper, "replay", replay_while_redis_fails)
+    assert keeper._pass() is False
+    assert breaker.is_open  # the next pass pings Redis before closing it
+    monkeypatch.undo()
+    assert keeper._pass() is True  # Redis does answer: replayed, then closed
+    assert not breaker.is_open

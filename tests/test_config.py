@@ -27,9 +27,13 @@ def test_reads_every_variable():
         "DB_POOL_TIMEOUT": "2.5",
         "DB_STATEMENT_TIMEOUT_MS": "800",
         "REDIS_TIMEOUT_MS": "50",
+        "HOST": "0.0.0.0",
         "PORT": "9000",
         "WEB_CONCURRENCY": "3",
         "LOG_LEVEL": "debug",
+        "NEAR_CACHE_SIZE": "500",
+        "NEAR_CACHE_TTL_SECONDS": "5",
+        "FAST_LANE": "off",
     }
     config = Config.from_env(env)
     assert config == Config(
@@ -40,9 +44,13 @@ def test_reads_every_variable():
         db_pool_timeout=2.5,
         db_statement_timeout_ms=800,
         redis_timeout_ms=50,
+        host="0.0.0.0",
         port=9000,
         web_concurrency=3,
         log_level="DEBUG",
+        near_cache_size=500,
+        near_cache_ttl_seconds=5,
+        fast_lane=False,
     )
     assert set(config.env_names) == set(env)
 
@@ -51,12 +59,16 @@ def test_reads_every_variable():
     ("name", "value", "message"),
     [
         ("PORT", "http", "PORT must be a whole number"),
+        ("FAST_LANE", "maybe", "FAST_LANE must be 1 or 0"),
+        ("NEAR_CACHE_SIZE", "-1", "NEAR_CACHE_SIZE must be between 0"),
         ("PORT", "70000", "PORT must be between 1 and 65535"),
         ("DB_POOL_SIZE", "0", "DB_POOL_SIZE must be between"),
         ("DB_POOL_TIMEOUT", "nan", "DB_POOL_TIMEOUT must be a finite number"),
         ("DB_POOL_TIMEOUT", "soon", "DB_POOL_TIMEOUT must be a number"),
         ("REDIS_URL", "localhost:6379", "REDIS_URL must be a URL starting with"),
         ("LOG_LEVEL", "loud", "LOG_LEVEL must be one of"),
+        ("HOST", "0.0.0.0:80", "HOST must be an IP address"),
+        ("HOST", "my host", "HOST must be an IP address"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, message):
@@ -69,14 +81,32 @@ def test_empty_value_means_default():
     assert Config.from_env({"PORT": ""}).port == 8000
 
 
-def test_flask_cli_reports_bad_config():
+def test_bind_is_host_and_port():
+    assert Config().bind == "127.0.0.1:8000"  # loopback unless HOST says otherwise
+    assert Config(host="0.0.0.0", port=80).bind == "0.0.0.0:80"
+    assert Config(host="::1").bind == "[::1]:8000"
+
+
+BAD_POOL_SIZE = "faststock: configuration error: DB_POOL_SIZE must be a whole number, got 'many'"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["flask", "--app", "faststock", "init-db"],
+        ["flask", "--app", "faststock", "seed", "--products", "5", "--reset"],
+        ["gunicorn", "-c", "gunicorn.conf.py", "faststock.wsgi:app"],
+    ],
+    ids=["init-db", "seed", "gunicorn"],
+)
+def test_entry_points_report_bad_config_in_one_line(argv):
     result = subprocess.run(
-        [str(BIN / "flask"), "--app", "faststock", "init-db"],
+        [str(BIN / argv[0]), *argv[1:]],
         cwd=ROOT,
         env={"PATH": str(BIN), "DB_POOL_SIZE": "many"},
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert result.returncode != 0
-    assert "DB_POOL_SIZE must be a whole number" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [BAD_POOL_SIZE]

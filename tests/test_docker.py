@@ -234,6 +234,8 @@ def test_final_stage_runtime_settings() -> None:
     assert env.get("HOME"), "gunicorn wants a HOME for its control socket"
     default_port = next(f.default for f in dataclasses.fields(Config) if f.name == "port")
     assert env.get("PORT") == str(default_port) == "8000"
+    # The app binds loopback by default; in a container that would leave the published port dead.
+    assert env.get("HOST") == "0.0.0.0", env.get("HOST")
     exposed = {p.split("/")[0] for args in _args(_final_stage(), "EXPOSE") for p in args.split()}
     assert "8000" in exposed, exposed
 
@@ -382,6 +384,7 @@ def test_api_environment_is_exactly_what_the_app_reads() -> None:
     config = Config.from_env({k: v for k, v in env.items() if k in config_names})
     container_ports = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in _service("api")["ports"]}
     assert str(config.port) in container_ports, (config.port, container_ports)
+    assert config.host == "0.0.0.0", "a loopback bind inside the container cannot be reached"
 
 
 def test_api_urls_point_at_the_compose_services() -> None:
@@ -415,8 +418,28 @@ def test_api_waits_for_healthy_backends_and_finished_migration() -> None:
     assert depends["migrate"]["condition"] == "service_completed_successfully"
     migrate = _service("migrate")
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # seed clears the cache; with Redis not up yet it would warn, and the API serve stale entries
+    assert migrate["depends_on"]["redis"]["condition"] == "service_healthy"
     assert migrate.get("restart") == "no"
     assert _service("api").get("build") == migrate.get("build"), "both must run the same image"
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration ("1m30s", "35s", "500ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_api_stop_grace_period_covers_gunicorn_graceful_timeout() -> None:
+    """Docker sends SIGKILL 10 s after SIGTERM unless told otherwise: too soon for in-flight
+    requests, which gunicorn gives graceful_timeout seconds to finish."""
+    found = re.search(r"^graceful_timeout = (\d+)", (ROOT / "gunicorn.conf.py").read_text(), re.M)
+    assert found, "gunicorn.conf.py sets no graceful_timeout"
+    grace = _service("api").get("stop_grace_period")
+    assert grace is not None, "api has no stop_grace_period: Docker would wait 10 s"
+    assert _seconds(str(grace)) > int(found.group(1)), grace
 
 
 def _migrate_steps() -> list[list[str]]:

@@ -6,29 +6,23 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
 import pytest
-import requests
 
 from faststock.cache import Breaker
-from tests.servers import poll
-from tests.test_live import fire, post_stock, row_locked, wait_for_lock_waiter
-
-
-def get(server, path: str, timeout: float = 10) -> requests.Response:
-    response = requests.get(server.url(path), timeout=timeout, headers={"Connection": "close"})
-    response.close()
-    return response
-
-
-def timed_get(server, path: str) -> tuple[requests.Response, float]:
-    started = time.monotonic()
-    response = get(server, path)
-    return response, time.monotonic() - started
+from tests.servers import (
+    fire,
+    get,
+    poll,
+    post_stock,
+    row_locked,
+    timed_get,
+    wait_for_lock_waiter,
+    writing,
+)
 
 
 def test_breaker_opens_after_consecutive_failures_and_closes():
@@ -99,11 +93,13 @@ def test_writes_during_a_partition_are_never_hidden_by_old_entries(live_server, 
         assert get(server, "/api/products/3").json()["stock"] == 5003
 
 
-def test_writes_leave_no_outbox_records_when_redis_is_healthy(live_server, sql):
+def test_keepers_clean_up_the_records_of_written_through_changes(live_server, sql):
+    """One commit per write: the record each change leaves is deleted by a keeper's sweep, which
+    sees Redis already holds that version and so replays and announces nothing."""
     server = live_server()
     for pid in range(1, 11):
         assert post_stock(server, pid, delta=1).status_code == 200
-    assert sql("SELECT count(*) FROM cache_outbox") == [(0,)]
+    assert poll(lambda: sql("SELECT count(*) FROM cache_outbox") == [(0,)], within=5)
 
 
 def test_postgres_stopped_cached_reads_serve_the_rest_503_then_recovers(live_server, private_pg):
@@ -169,32 +165,13 @@ def test_hung_postgres_answers_503_in_bounded_time_then_recovers(live_server, pr
 def test_no_acknowledged_write_is_lost_across_a_postgres_restart(live_server, private_pg):
     server = live_server(DATABASE_URL=private_pg.url, DB_POOL_TIMEOUT="1")
     initial = get(server, "/api/products/7/stock").json()["stock"]
-    outcomes: list[int] = []
-    stop = threading.Event()
-
-    def writer() -> None:
-        with requests.Session() as s:
-            while not stop.is_set():
-                try:
-                    r = s.post(server.url("/api/products/7/update-stock"), json={"delta": 1})
-                    outcomes.append(r.status_code)
-                except requests.RequestException:
-                    outcomes.append(0)
-
-    threads = [threading.Thread(target=writer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with writing(server, [7, 7, 7, 7]) as outcomes:
         assert poll(lambda: outcomes.count(200) >= 20, within=20)
         private_pg.stop()
         assert poll(lambda: outcomes[-1:] == [503], within=10)
         private_pg.start()
         before = len(outcomes)
         assert poll(lambda: outcomes[before:].count(200) >= 20, within=20)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
     assert set(outcomes) <= {200, 503}
     with psycopg2.connect(private_pg.url) as conn, conn.cursor() as cur:
         cur.execute("SELECT stock FROM products WHERE id = 7")
@@ -298,7 +275,11 @@ def test_sigterm_closes_idle_keepalive_connections_at_once(live_server):
     server = live_server(WEB_CONCURRENCY="1")
     idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    first = idle.recv(65536)
+    first = b""
+    while not first.endswith(b'{"status":"ok"}'):  # headers and body may come apart
+        chunk = idle.recv(65536)
+        assert chunk, first
+        first += chunk
     assert first.startswith(b"HTTP/1.1 200")
     started = time.monotonic()
     server.proc.send_signal(15)
@@ -307,3 +288,58 @@ def test_sigterm_closes_idle_keepalive_connections_at_once(live_server):
     assert idle.recv(65536) == b""  # closed without an unsolicited 500
     idle.close()
     assert "Traceback" not in server.log()
+
+
+def test_postgres_stopped_mid_writes_cached_reads_keep_answering(live_server, private_pg):
+    """Writes in flight when PostgreSQL stops: those whose cache update succeeded must not make
+    the host bypass Redis, so every product cached before the outage is still served."""
+    server = live_server(
+        DATABASE_URL=private_pg.url, DB_POOL_TIMEOUT="1", DB_STATEMENT_TIMEOUT_MS="1000"
+    )
+    ids = range(1, 101)
+    for pid in ids:
+        get(server, f"/api/products/{pid}")
+    assert all(get(server, f"/api/products/{pid}").headers["X-Cache"] == "HIT" for pid in ids)
+    with writing(server, list(range(1, 9))) as outcomes:
+        assert poll(lambda: outcomes.count(200) >= 100, within=20)
+        private_pg.stop()  # with writes in flight
+        before = len(outcomes)
+        assert poll(lambda: outcomes[before:].count(503) >= 16, within=20)
+    try:
+        answered = [get(server, f"/api/products/{pid}").status_code for pid in ids]
+        assert answered.count(200) == 100, f"{answered.count(200)} of 100 cached reads answered"
+    finally:
+        private_pg.start()
+    assert set(outcomes) <= {200, 503}
+
+
+def test_cache_updated_then_postgres_gone_leaves_redis_trusted(make_app, private_pg, monkeypatch):
+    """Deterministic: PostgreSQL stops right after a write's cache update, before its outbox
+    record is cleaned up (the keeper's job): Redis is right, and must stay trusted."""
+    from faststock import shared
+    from faststock.cache import Cache
+
+    client = make_app(
+        database_url=private_pg.url, db_pool_timeout=1, db_statement_timeout_ms=1000
+    ).test_client()
+    client.get("/api/products/9")
+    real_fill = Cache.fill
+
+    def fill_then_stop_postgres(self, entries, **kwargs):
+        stored = real_fill(self, entries, **kwargs)
+        if kwargs.get("announce"):  # the writer's update, not a reader's fill
+            private_pg.stop()
+        return stored
+
+    monkeypatch.setattr(Cache, "fill", fill_then_stop_postgres)
+    mark = shared.dirty_mark()
+    try:
+        write = client.post("/api/products/8/update-stock", json={"stock": 88})
+        assert (write.status_code, write.get_json()) == (200, {"id": 8, "stock": 88})
+        assert shared.dirty_mark() == mark
+        cached = client.get("/api/products/9")
+        assert (cached.status_code, cached.headers["X-Cache"]) == (200, "HIT")
+        written = client.get("/api/products/8")
+        assert (written.status_code, written.get_json()["stock"]) == (200, 88)
+    finally:
+        private_pg.start()

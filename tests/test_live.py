@@ -2,70 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 import requests
 
-from tests.servers import BIN, ROOT, poll, tcp_peer_ports
-
-
-def fire(calls: list[Callable[[], requests.Response]]) -> list[requests.Response]:
-    """Run every call at the same moment, each on its own thread and connection."""
-    barrier = threading.Barrier(len(calls), timeout=60)
-
-    def run(call: Callable[[], requests.Response]) -> requests.Response:
-        barrier.wait()
-        return call()
-
-    threading.stack_size(256 * 1024)
-    try:
-        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            return list(pool.map(run, calls))
-    finally:
-        threading.stack_size(0)
-
-
-@contextmanager
-def row_locked(database_url: str, product_id: int) -> Iterator[None]:
-    """Hold a row lock from another session, so a write to that row blocks inside PostgreSQL."""
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM products WHERE id = %s FOR UPDATE", (product_id,))
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
-
-
-def wait_for_lock_waiter(
-    sql: Callable[..., list[tuple]], timeout: float = 10, count: int = 1
-) -> None:
-    """Poll until `count` sessions are blocked on a lock: the writes have reached PostgreSQL."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-    blocked = poll(lambda: sql(query)[0][0] >= count, within=timeout)
-    assert blocked, "the write never blocked on the row lock"
-
-
-def post_stock(server, product_id: int, **body: int) -> requests.Response:
-    """POST update-stock without keep-alive: an idle kept-alive socket would hold gunicorn's
-    graceful shutdown for its whole timeout when the fixture stops the server."""
-    return requests.post(
-        server.url(f"/api/products/{product_id}/update-stock"),
-        json=body,
-        timeout=30,
-        headers={"Connection": "close"},
-    )
+from tests.servers import (
+    BIN,
+    ROOT,
+    fire,
+    get,
+    poll,
+    post_stock,
+    row_locked,
+    tcp_peer_ports,
+    wait_for_lock_waiter,
+)
 
 
 def test_500_concurrent_requests_with_a_pool_of_3(live_server, sql):
@@ -197,3 +156,30 @@ def test_bad_setting_stops_gunicorn_with_one_line(name, value, message, fresh):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_connections_above_descriptor_1024_are_not_churned(live_server, sql, fresh):
+    """A worker with over 1024 descriptors (client sockets) keeps its PostgreSQL connections."""
+    server = live_server(
+        WEB_CONCURRENCY="1", DB_POOL_SIZE="2", GUNICORN_CMD_ARGS="--worker-connections 1300"
+    )
+    backends = (
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'faststock' "
+        "AND datname = current_database()"
+    )
+    clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1100)]
+    try:
+        worker = server.workers[0]
+        assert poll(lambda: len(os.listdir(f"/proc/{worker}/fd")) > 1100, within=20)
+        seen: set[int] = set()
+        for pid in range(1, 41, 2):  # two uncached reads at once: both connections checked out
+            pair = (pid, pid + 1)
+            responses = fire([lambda i=i: get(server, f"/api/products/{i}") for i in pair])
+            assert [r.status_code for r in responses] == [200, 200]
+            now = {row[0] for row in sql(backends)}
+            assert len(now) <= 2
+            seen |= now
+        assert len(seen) <= 2, f"{len(seen)} backends for a pool of 2: connections churned"
+    finally:
+        for c in clients:
+            c.close()

@@ -15,10 +15,10 @@ def post(client, product_id, body, key=None, **headers):
     return client.post(f"/api/products/{product_id}/update-stock", json=body, headers=headers)
 
 
-def test_delta_adds_and_subtracts(client, sql):
+def test_delta_adds_and_subtracts(client, changes):
     assert post(client, 5, {"delta": 10}).get_json() == {"id": 5, "stock": STOCK5 + 10}
     assert post(client, 5, {"delta": -3}).get_json() == {"id": 5, "stock": STOCK5 + 7}
-    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(STOCK5 + 7, 3)]
+    assert changes(5) == (STOCK5 + 7, 2)
 
 
 def test_delta_to_exactly_zero(client, sql):
@@ -26,7 +26,7 @@ def test_delta_to_exactly_zero(client, sql):
     assert post(client, 5, {"delta": -4}).get_json() == {"id": 5, "stock": 0}
 
 
-def test_insufficient_stock_is_409_and_changes_nothing(client, sql):
+def test_insufficient_stock_is_409_and_changes_nothing(client, sql, changes):
     sql("UPDATE products SET stock = 3 WHERE id = 5")
     response = post(client, 5, {"delta": -4})
     assert response.status_code == 409
@@ -34,7 +34,7 @@ def test_insufficient_stock_is_409_and_changes_nothing(client, sql):
     assert body["error"] == "insufficient_stock"
     assert body["stock"] == 3
     assert body["message"]
-    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(3, 1)]
+    assert changes(5) == (3, 0)
 
 
 def test_delta_beyond_column_range_is_409(client, sql):
@@ -76,14 +76,14 @@ def test_extreme_deltas_are_accepted(client, sql):
     assert post(client, 5, {"delta": 2147483647}).get_json()["stock"] == 2147483647
 
 
-def test_retry_with_key_replays_and_applies_once(client, sql):
+def test_retry_with_key_replays_and_applies_once(client, changes):
     first = post(client, 5, {"delta": -1}, key="order-1")
     again = post(client, 5, {"delta": -1}, key="order-1")
     assert first.status_code == again.status_code == 200
     assert first.data == again.data
     assert "Idempotent-Replayed" not in first.headers
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert sql("SELECT stock, version FROM products WHERE id = 5") == [(STOCK5 - 1, 2)]
+    assert changes(5) == (STOCK5 - 1, 1)
 
 
 def test_replay_ignores_body_formatting(client):
@@ -152,7 +152,7 @@ def test_expired_keys_run_again_and_are_collected(client, sql):
     assert sql("SELECT key FROM idempotency_keys ORDER BY key") == [("k-old",)]
 
 
-def test_write_through_carries_the_new_version(client, config):
+def test_write_through_carries_the_new_version(client, config, sql):
     import redis as redis_lib
 
     from faststock.cache import product_key
@@ -160,10 +160,11 @@ def test_write_through_carries_the_new_version(client, config):
     client.get("/api/products/5")
     post(client, 5, {"delta": -1})
     raw = redis_lib.Redis.from_url(config.redis_url).get(product_key(5))
-    assert raw.startswith(b"2|%d|" % (STOCK5 - 1))
+    version = sql("SELECT version FROM products WHERE id = 5")[0][0]
+    assert raw.startswith(b"%d|%d|" % (version, STOCK5 - 1))
 
 
-def test_reader_fill_after_writer_commit_does_not_restore_old_row(app, monkeypatch, sql):
+def test_reader_fill_after_writer_commit_does_not_restore_old_row(app, monkeypatch, changes):
     """Force: reader misses and reads v1, writer commits v2 and answers, reader fills v1."""
     from faststock import queries
 
@@ -186,7 +187,7 @@ def test_reader_fill_after_writer_commit_does_not_restore_old_row(app, monkeypat
     assert after.headers["X-Cache"] == "HIT"
     assert after.get_json()["stock"] == 4242
     assert client.get("/api/products/5/stock").get_json() == {"id": 5, "stock": 4242}
-    assert sql("SELECT version FROM products WHERE id = 5") == [(2,)]
+    assert changes(5) == (4242, 1)
 
 
 def test_list_page_fill_racing_a_write_does_not_restore_old_rows(app, monkeypatch):
@@ -207,3 +208,73 @@ def test_list_page_fill_racing_a_write_does_not_restore_old_rows(app, monkeypatc
     assert listed.headers["X-Cache"] == "HIT"
     assert listed.get_json()["items"][2]["stock"] == 333
     assert client.get("/api/products/3/stock").get_json()["stock"] == 333
+
+
+def test_refusal_reason_follows_the_delta_sign_not_a_later_read(app, monkeypatch, sql):
+    """Force the race: the delta is refused at stock 5, then another client adds 20 before the
+    refusal reads the stock again. A negative delta is always refused as insufficient stock."""
+    from faststock import queries
+
+    real_add = queries.add_stock
+
+    def add_then_race(cur, product_id, delta):
+        row = real_add(cur, product_id, delta)
+        assert row is None
+        sql("UPDATE products SET stock = stock + 20 WHERE id = %s", product_id)
+        return row
+
+    monkeypatch.setattr(queries, "add_stock", add_then_race)
+    client = app.test_client()
+    for key in (None, "race-1"):
+        sql("UPDATE products SET stock = 5 WHERE id = 5")
+        response = post(client, 5, {"delta": -10}, key=key)
+        assert response.status_code == 409
+        assert response.get_json()["error"] == "insufficient_stock"
+    monkeypatch.setattr(queries, "add_stock", real_add)
+    replay = post(client, 5, {"delta": -10}, key="race-1")  # the stored answer is the right one
+    assert replay.get_json()["error"] == "insufficient_stock"
+    sql("UPDATE products SET stock = 2147483640 WHERE id = 6")
+    up = post(client, 6, {"delta": 10})
+    assert (up.status_code, up.get_json()["error"]) == (409, "stock_out_of_range")
+
+
+def test_replayed_success_writes_the_cache_before_answering(app, monkeypatch, config):
+    """The first attempt commits but its answer (and cache update) is lost, as with a 503 at
+    commit time; the retry's replayed 200 must leave no reader seeing the old stock."""
+    from faststock import stock
+    from faststock.errors import Unavailable
+
+    client = app.test_client()
+    assert client.get("/api/products/5").get_json()["stock"] == STOCK5  # cached
+    real_write_through = stock._write_through
+    lost = []
+
+    def lose_first_answer(row):
+        if not lost:
+            lost.append(row)
+            raise Unavailable("database unavailable")
+        real_write_through(row)
+
+    monkeypatch.setattr(stock, "_write_through", lose_first_answer)
+    assert post(client, 5, {"delta": -2}, key="order-lost").status_code == 503
+    assert lost, "the change did not commit"
+    again = post(client, 5, {"delta": -2}, key="order-lost")
+    assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert again.get_json() == {"id": 5, "stock": STOCK5 - 2}
+    read = client.get("/api/products/5")
+    assert (read.headers["X-Cache"], read.get_json()["stock"]) == ("HIT", STOCK5 - 2)
+
+
+def test_nothing_after_commit_turns_a_write_into_a_500(app, monkeypatch, sql):
+    from faststock import shared
+    from faststock.cache import Cache
+
+    def broken_fill(self, *args, **kwargs):
+        raise RuntimeError("a bug in the cache layer")
+
+    monkeypatch.setattr(Cache, "fill", broken_fill)
+    mark = shared.dirty_mark()
+    response = post(app.test_client(), 5, {"stock": 55})
+    assert (response.status_code, response.get_json()) == (200, {"id": 5, "stock": 55})
+    assert shared.dirty_mark() > mark  # the host stops trusting Redis until the keeper replays
+    assert sql("SELECT stock FROM products WHERE id = 5") == [(55,)]

@@ -1,0 +1,308 @@
+"""A per-worker cache in front of Redis ("near cache"), kept coherent across workers and hosts.
+
+A hit here costs no network round trip, which is most of what a Redis hit costs a gevent worker.
+An entry is served only while it is provably current:
+
+- **Workers of this host**: a writer stores a fresh value in its product's change stamp
+  (shared.py) after commit and before answering. An entry keeps the stamp read before it was
+  loaded, and a hit checks the stamp is still that value.
+- **Other hosts**: writers publish the ids they changed on a Redis channel, in the same call that
+  writes the new rows through. Before serving a hit, a worker applies every invalidation already
+  received (a non-blocking drain of its subscription) by storing fresh change stamps, so a load
+  that read Redis before the change arrived cannot keep what it read either. The keeper pings on
+  the subscription every sweep; a subscription that is broken, or silent past HEARTBEAT_SECONDS
+  (a partition), makes the near cache flush and stand aside until it is subscribed again and
+  flushed.
+- **Redis trouble**: while the breaker is open or a write on this host missed Redis, the near
+  cache is flushed and not used, exactly as Redis is not.
+
+An entry also expires after NEAR_CACHE_TTL_SECONDS (never longer than Redis's TTL), and the
+number of entries is bounded (least recently used first out). A list page is kept as the ids it
+holds and answered from the product entries, so it is never staler than the product endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import redis
+from flask import Flask, current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import shared
+from .cache import CHANNEL, FLUSH_ALL, Cache, decode_entry
+from .config import Config
+
+log = logging.getLogger("faststock.nearcache")
+
+HEARTBEAT_SECONDS = 3.0  # silence longer than this on the subscription: assume a partition
+
+ProductHit = tuple[bytes, int]  # (product JSON, stock)
+Token = tuple[int, int]  # (change stamp, flush generation), read before a load
+
+
+def _original_poll() -> Callable[[], object]:
+    """The operating system's poll(2), even where gevent has patched `select`: checking one
+    socket without waiting needs no trip through gevent's event loop."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+_poll = _original_poll()
+
+
+class Invalidations:
+    """This worker's subscription to the change channel; every method is non-blocking or bounded
+    by the Redis timeouts, and none raises."""
+
+    def __init__(self, config: Config) -> None:
+        timeout = config.redis_timeout_ms / 1000
+        self.client = redis.Redis.from_url(
+            config.redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._pubsub: redis.client.PubSub | None = None
+        self._poller: object | None = None
+        self._heard = 0.0  # monotonic time the subscription last proved alive
+        self._lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._pubsub is not None and time.monotonic() - self._heard < HEARTBEAT_SECONDS
+
+    def subscribe(self) -> bool:
+        """(Re)subscribe; True once subscribed. Messages sent while it was down are lost, so the
+        caller must flush what it holds before trusting it again."""
+        with self._lock:
+            self._close()
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                pubsub.get_message(timeout=self.client.get_connection_kwargs()["socket_timeout"])
+            except Exception as exc:
+                log.info("change channel unavailable: %s", exc)
+                return False
+            self._pubsub = pubsub
+            poller = _poll()
+            poller.register(pubsub.connection._sock.fileno(), select.POLLIN | select.POLLPRI)
+            self._poller = poller
+            self._heard = time.monotonic()
+            return True
+
+    def ping(self) -> None:
+        """Ask for a sign of life; the answer is noted by a later drain."""
+        with self._lock:
+            if self._pubsub is None:
+                return
+            try:
+                self._pubsub.ping()
+            except Exception as exc:
+                log.info("change channel lost: %s", exc)
+                self._close()
+
+    def drain(self) -> list[bytes] | None:
+        """Every change message received so far (payloads), or None when the channel is down."""
+        with self._lock:
+            if self._pubsub is None:
+                return None
+            payloads: list[bytes] = []
+            try:
+                # One poll(2) when nothing came: the common case on a hit. When something did,
+                # read until redis-py has nothing left, buffered or not: afterwards anything new
+                # must arrive on the socket, which the next poll sees.
+                if self._poller.poll(0):
+                    while (message := self._pubsub.get_message(timeout=0)) is not None:
+                        self._heard = time.monotonic()
+                        if message["type"] == "message":
+                            payloads.append(message["data"])
+            except Exception as exc:
+                log.info("change channel lost: %s", exc)
+                self._close()
+                return None
+            return payloads
+
+    def _close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:  # already broken: nothing to give back
+                log.debug("closing the change channel failed", exc_info=True)
+        self._pubsub = None
+        self._poller = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+class NearCache:
+    """The per-worker entries, and the rules for when they may be served."""
+
+    def __init__(self, config: Config, cache: Cache) -> None:
+        self.size = config.near_cache_size
+        self.ttl = float(min(config.near_cache_ttl_seconds, config.cache_ttl_seconds))
+        self.cache = cache
+        self.invalidations = Invalidations(config)
+        self._products: OrderedDict[int, tuple[bytes, int, int, float]] = OrderedDict()
+        self._pages: OrderedDict[tuple[int, int], tuple[tuple[int, ...], bool, float]] = (
+            OrderedDict()
+        )
+        self._trusted = False
+        self._generation = 0  # bumped by every flush: loads begun before it keep nothing
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def usable(self) -> bool:
+        """Whether entries may be served now; applies pending invalidations first."""
+        if not self._trusted:
+            return False
+        if (
+            self.cache.breaker.is_open
+            or shared.is_dirty()
+            or not self.invalidations.healthy
+            or not self._apply(self.invalidations.drain())
+        ):
+            self.distrust()
+            return False
+        return True
+
+    def distrust(self) -> None:
+        """Stop serving, and forget everything: invalidations may have been missed."""
+        self._trusted = False
+        self.flush()
+
+    def heartbeat(self) -> None:
+        """Called by the keeper on every sweep: keeps the channel proven alive, or brings the
+        near cache back (flushed) once the channel and Redis are healthy again."""
+        if not self.enabled:
+            return
+        if self._trusted:
+            self.usable()
+        if not self._trusted:
+            if self.cache.breaker.is_open or shared.is_dirty():
+                return
+            if not self.invalidations.subscribe():
+                return
+            self.flush()
+            self._trusted = True
+        self.invalidations.ping()
+
+    def _apply(self, payloads: list[bytes] | None) -> bool:
+        if payloads is None:
+            return False
+        for payload in payloads:
+            if payload == FLUSH_ALL:
+                self.flush()
+            else:
+                self.changed(int(i) for i in payload.split(b",") if i)
+        return True
+
+    def flush(self) -> None:
+        self._generation += 1
+        self._products.clear()
+        self._pages.clear()
+
+    @staticmethod
+    def changed(ids: Iterable[int]) -> None:
+        """Another host changed these products (or Redis may hold older rows of them): no worker
+        here may serve an entry of theirs loaded before now."""
+        for product_id in ids:
+            shared.changed(product_id)
+
+    def begin(self, product_id: int) -> Token:
+        """Read before loading an entry you mean to keep (`put_product`)."""
+        return shared.stamp(product_id), self._generation
+
+    def product(self, product_id: int) -> ProductHit | None:
+        """(JSON, stock) of a current entry, or None. Call only after `usable()` said yes."""
+        entry = self._products.get(product_id)
+        if entry is None:
+            return None
+        body, stock, stamp, expires = entry
+        if stamp != shared.stamp(product_id) or expires < time.monotonic():
+            self._products.pop(product_id, None)
+            return None
+        with contextlib.suppress(KeyError):  # dropped meanwhile by another thread (tests)
+            self._products.move_to_end(product_id)
+        return body, stock
+
+    def page(self, page: int, limit: int) -> tuple[tuple[int, ...], bool] | None:
+        """(ids, has_next) of a remembered page, or None. Call only after `usable()`."""
+        entry = self._pages.get((page, limit))
+        if entry is None:
+            return None
+        ids, has_next, expires = entry
+        if expires < time.monotonic():
+            self._pages.pop((page, limit), None)
+            return None
+        with contextlib.suppress(KeyError):
+            self._pages.move_to_end((page, limit))
+        return ids, has_next
+
+    def page_bodies(self, page: int, limit: int) -> tuple[list[bytes], bool] | None:
+        """The product JSON of every item on a remembered page, all current, or None."""
+        known = self.page(page, limit)
+        if known is None:
+            return None
+        ids, has_next = known
+        bodies = []
+        for product_id in ids:
+            hit = self.product(product_id)
+            if hit is None:
+                return None
+            bodies.append(hit[0])
+        return bodies, has_next
+
+    def put_product(self, product_id: int, raw: bytes, token: Token) -> None:
+        """Keep Redis's entry `raw` for a product, loaded after `begin` gave `token`."""
+        stamp, generation = token
+        decoded = decode_entry(raw)
+        if decoded is None or not self._trusted or generation != self._generation:
+            return
+        _, stock, body = decoded
+        products = self._products
+        products.pop(product_id, None)  # re-inserted last: the most recently used
+        products[product_id] = (body, stock, stamp, time.monotonic() + self.ttl)
+        if len(products) > self.size:
+            products.popitem(last=False)
+
+    def put_page(
+        self, page: int, limit: int, ids: Sequence[int], has_next: bool, generation: int
+    ) -> None:
+        if not self._trusted or generation != self._generation:
+            return
+        pages = self._pages
+        pages.pop((page, limit), None)
+        pages[(page, limit)] = (tuple(ids), has_next, time.monotonic() + self.ttl)
+        if len(pages) > self.size:
+            pages.popitem(last=False)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def __len__(self) -> int:
+        return len(self._products)
+
+
+def get_near(app: Flask | None = None) -> NearCache:
+    return (app or current_app).extensions["faststock.nearcache"]
+
+
+def init_app(app: Flask, cache: Cache) -> None:
+    app.extensions["faststock.nearcache"] = NearCache(app.config["FASTSTOCK"], cache)

@@ -1,0 +1,920 @@
+"""The Python half of scripts/bench: probes of the server under test, and the results report.
+
+It lives in a module rather than in the shell script so that ruff checks it and the tests import
+it. The report is built by pure functions of data already loaded from BENCH_DIR (a `Run` per
+script), so the table, its ratios to the raw reference, the targets and the charts are tested on
+small hand-made k6 summaries, without a server or k6. scripts/bench runs it from the project root
+as `python -m benchkit COMMAND ARG ...`:
+
+    check-config                    the app's settings, refused in one line before anything starts
+    wait BASE_URL SECONDS PID       /healthz, then /readyz, answer 200 while gunicorn PID lives
+    cache BASE_URL FILE             the read endpoints' cache outcome counters, from /metrics
+    healthy BASE_URL PRODUCTS FILE  /healthz and one product read each answer 200 within 2 s
+    cache-back BASE_URL SECONDS     20 reads in a row answer without X-Cache: BYPASS
+    raw-of NAME                     the raw reference run NAME is compared with, and its k6 script
+    pgbench-script FILE PRODUCTS    pgbench's script: the service's own delta UPDATE (add_stock)
+    pgbench-summary LOG FILE        pgbench's output as a summary in k6/lib.js's shape
+    meta FILE KEY=VALUE ...         what the run was (mode, settings) and the machine it ran on
+    table DIR [--save DEST README] NAME:RC ...
+                                    one row per script (and scenario, endpoint, phase), notes and
+                                    targets on stdout; results.md, reqs.png and latency.png in DIR
+                                    (and, with --save, copied to DEST and shown in README)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# A k6 summary as k6/lib.js writes it under "faststock", or one of its per-scenario parts.
+Summary = Mapping[str, Any]
+Row = list[str]
+
+HEAD = ["script", "VUs", "duration", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms", "p95 ms"]
+HEAD += ["p99 ms", "failed %", "cache hit %", "result"]
+# k6's exit statuses that have a name: 99 is a failed threshold, 124 is timeout(1) killing it.
+RESULTS = {"0": "ok", "99": "THRESHOLDS", "124": "TIMEOUT"}
+CACHE_COUNTER = "faststock_cache_requests_total{"
+HEALTHY_WITHIN_MS = 2000
+CACHE_BACK_STREAK = 20  # every worker's breaker closed, not just the one a read happened to reach
+
+# The raw reference run (scripts/rawref.py under the same gunicorn settings and pinning) that each
+# throughput script is compared with, and the k6 script that run sends (with RAW=1): the same load
+# shape (VUs, think time, requests), so that a ratio measures the app and nothing else. Scripts
+# absent here (spike, redis-outage, redis-down) measure resilience, not throughput: no ratio.
+RAW = "raw"
+RAW_SCRIPT = {
+    RAW: "product",
+    "raw-seed-stock": "seed-stock",
+    "raw-seed-pagination": "seed-pagination",
+}
+RAW_OF = dict.fromkeys(["product", "stock", "products", "mixed", "update-stock", "deltas"], RAW)
+RAW_OF |= {"pgbench": RAW, "seed-stock": "raw-seed-stock", "seed-pagination": "raw-seed-pagination"}
+
+# Issue 9's targets, met in one `scripts/bench --pin compare` run: one worker, 50 VUs without think
+# time for the reads and the deltas (pgbench at as many clients), the seed's pagination scenario as
+# its README gives it.
+READ_TARGETS = {"product": 0.90, "stock": 0.90, "products": 0.80}
+SEED_PAGINATION_TARGET = 0.95  # of the raw reference's req/s in the same scenario...
+SEED_P95_FACTOR, SEED_P95_SLACK_MS = 2.0, 2.0  # ...with p95 at most 2x the reference's + 2 ms
+DELTAS_TARGET = 0.5  # of the composed limit 1 / (1/raw + 1/pgbench)
+TARGET_VUS = {"product": 50, "stock": 50, "products": 50, "deltas": 50, "pgbench": 50}
+TARGET_VUS |= {"seed-pagination": 200}
+SEED_THINK_MS, SEED_PAGES = 50, 10
+
+# The psycopg2 placeholders of a statement: %(name)s, %s, and %% (a literal %).
+PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%%")
+# Values no real id or delta takes, passed to queries.add_stock to tell its parameters apart.
+PGBENCH_PARAMS = {7_000_000_001: ":id", -7_000_000_002: ":delta"}
+
+# The block of README.md that `table --save` rewrites with the latest results.
+README_START, README_END = "<!-- bench:latest -->", "<!-- /bench:latest -->"
+CHARTS = ("reqs.png", "latency.png")
+
+
+class BenchError(Exception):
+    """A probe gave up; the message is the one line scripts/bench shows."""
+
+
+def log(message: str) -> None:
+    print(f"[faststock] {message}", file=sys.stderr)
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+def check_config() -> None:
+    """Exit with the app's one-line message if it would refuse a setting.
+
+    Checked before scripts/bench starts PostgreSQL, Redis or gunicorn, so that a typo costs one
+    line instead of a failure in `flask init-db` after servers have started.
+    """
+    # Imported here: it loads Flask, which the probes (run several times a script) do not need.
+    from faststock.config import from_env_or_exit
+
+    from_env_or_exit()
+
+
+def process_state(pid: int) -> str:
+    """The state letter of PID ("Z" once it is gone): a zombie gunicorn never answers."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return stat.rsplit(")", 1)[1].split()[0]  # the name before ")" may hold spaces
+
+
+def wait_ready(base: str, limit: float, pid: int) -> None:
+    """Return once /healthz and then /readyz answer 200; k6 must not measure a server warming up."""
+    deadline = time.monotonic() + limit
+    for path in ("/healthz", "/readyz"):
+        while True:
+            try:
+                if get(base + path, 1.0)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if process_state(pid) == "Z":
+                raise BenchError("gunicorn exited")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{path} did not answer 200 within {limit:.0f}s")
+            time.sleep(0.1)
+
+
+def cache_counts(metrics: str) -> dict[str, float]:
+    """Cache outcomes (HIT, MISS, BYPASS, ...) summed over every route and worker in /metrics."""
+    counts: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith(CACHE_COUNTER):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            key = labels.get("result", "?")
+            counts[key] = counts.get(key, 0.0) + float(line.rsplit(None, 1)[1])
+    return counts
+
+
+def save_cache_counts(base: str, path: Path) -> None:
+    """Record the counters; a run's hit rate is the difference of two such snapshots."""
+    try:
+        text = get(base + "/metrics")[1]
+    except OSError as exc:
+        log(f"could not read /metrics: {exc}")
+        text = ""
+    path.write_text(json.dumps(cache_counts(text)))
+
+
+def check_health(base: str, products: int, path: Path) -> bool:
+    """Whether the service answers promptly right after a spike; the answers are saved to `path`
+    for the report's note."""
+    answers = []
+    for url_path in ("/healthz", f"/api/products/{random.randint(1, products)}"):
+        start = time.monotonic()
+        status: int | str
+        try:
+            status = get(base + url_path, 2.0)[0]
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            status = type(getattr(exc, "reason", exc)).__name__
+        elapsed = 1000 * (time.monotonic() - start)
+        ok = status == 200 and elapsed <= HEALTHY_WITHIN_MS
+        answers.append({"path": url_path, "status": status, "ms": round(elapsed, 1), "ok": ok})
+    healthy = all(a["ok"] for a in answers)
+    detail = ", ".join(f"{a['path']} {a['status']} in {a['ms']:.0f} ms" for a in answers)
+    path.write_text(json.dumps({"healthy": healthy, "detail": detail, "answers": answers}))
+    log(f"healthy after: {'yes' if healthy else 'NO'} ({detail})")
+    return healthy
+
+
+def wait_cache_back(base: str, limit: float) -> None:
+    """Return once reads use Redis again, so the next script does not start on a bypassed cache."""
+    start, streak = time.monotonic(), 0
+    while streak < CACHE_BACK_STREAK:
+        if time.monotonic() - start > limit:
+            raise BenchError(
+                f"reads still answer X-Cache: BYPASS {limit:.0f}s after Redis came back"
+            )
+        try:
+            with urllib.request.urlopen(base + "/api/products/1", timeout=2) as response:
+                cached = response.headers.get("X-Cache") in ("HIT", "MISS")
+                streak = streak + 1 if cached else 0
+        except OSError:
+            streak = 0
+        time.sleep(0.02)
+    log(f"Redis is back and reads use it again ({time.monotonic() - start:.2f} s)")
+
+
+# ---- pgbench, and what the run was ----
+
+
+class _Recorder:
+    """Stands in for a psycopg2 cursor: keeps the statements a query function sends."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, Any]] = []
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self.statements.append((sql, params))
+
+    def fetchone(self) -> None:
+        return None
+
+
+def pgbench_sql(sql: str, params: Any) -> str:
+    """`sql` with each psycopg2 placeholder replaced by the pgbench variable that PGBENCH_PARAMS
+    names for the value bound to it (named or positional parameters alike)."""
+    positional = iter(params) if isinstance(params, Sequence) else iter(())
+
+    def variable(match: re.Match[str]) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        value = params[match.group(1)] if match.group(1) else next(positional)
+        if value not in PGBENCH_PARAMS:
+            raise BenchError(f"pgbench: no variable for the parameter {match.group(0)}={value!r}")
+        return PGBENCH_PARAMS[value]
+
+    return PLACEHOLDER.sub(variable, sql)
+
+
+def pgbench_script(products: int) -> str:
+    """A pgbench script that runs the very statement a delta runs (queries.add_stock, outbox CTE
+    included) on a random product of 1..products with a delta of -1 or +1, as k6/deltas.js draws
+    them. The SQL is taken from the function, not copied, so the bound follows the service."""
+    from faststock import queries  # loads Flask: only this command needs it
+
+    cursor = _Recorder()
+    product_id, delta = PGBENCH_PARAMS
+    queries.add_stock(cursor, product_id, delta)
+    if len(cursor.statements) != 1:
+        raise BenchError(f"pgbench: add_stock sent {len(cursor.statements)} statements, not one")
+    sql = pgbench_sql(*cursor.statements[0]).strip().rstrip(";")
+    return f"\\set id random(1, {products})\n\\set delta random(0, 1) * 2 - 1\n{sql};\n"
+
+
+def pgbench_summary(text: str) -> dict[str, Any] | None:
+    """pgbench's closing report as a script's figures in k6/lib.js's shape (no percentiles: pgbench
+    prints none), or None when it printed no tps (it failed)."""
+
+    def find(pattern: str) -> str | None:
+        match = re.search(pattern, text, re.MULTILINE)
+        return match.group(1) if match else None
+
+    tps = find(r"^tps = ([\d.]+)")
+    if tps is None:
+        return None
+    done = int(find(r"actually processed: (\d+)") or 0)
+    failed = int(find(r"^number of failed transactions: (\d+)") or 0)
+    latency = find(r"^latency average = ([\d.]+) ms")
+    seconds = find(r"^duration: (\d+) s") or "?"
+    return {
+        "script": "pgbench",
+        "vus": int(find(r"^number of clients: (\d+)") or 0),
+        "duration": f"{seconds}s",
+        "requests": done,
+        "rps": float(tps),
+        "avg_ms": None if latency is None else float(latency),
+        **dict.fromkeys(["p50_ms", "p90_ms", "p95_ms", "p99_ms"]),
+        "failed_rate": failed / (done + failed) if done + failed else None,
+    }
+
+
+def version_of(text: str) -> str:
+    """The first version number in a tool's --version line ("Redis server v=7.0.15 sha=..." is
+    7.0.15), or the line itself if it has none."""
+    match = re.search(r"\d+\.\d+(?:\.\d+)?", text)
+    return match.group(0) if match else text.strip()
+
+
+def machine() -> dict[str, str]:
+    """The hardware and system the figures were measured on: absolute figures mean nothing
+    without it."""
+    cpu, memory = platform.processor() or platform.machine(), "?"
+    try:
+        models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = models[0].strip() if models else cpu
+        kib = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        memory = f"{int(kib.group(1)) / 2**20:.0f} GiB" if kib else memory
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return {"cpu": cpu, "cores": str(os.cpu_count() or "?"), "memory": memory, "os": system}
+
+
+def labelled_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings of the service that are set for this run (FAST_LANE=0, METRICS=0, a pool
+    size...), so that an A/B pair of runs says which is which. Addresses and ports are left out:
+    they change every run and decide nothing."""
+    from faststock.config import Config
+
+    skip = {"DATABASE_URL", "REDIS_URL", "HOST", "PORT", "LOG_LEVEL"}
+    names = [n for n in Config().env_names if n not in skip]
+    names += [n for n in ("FAST_LANE", "METRICS", "GUNICORN_CMD_ARGS") if n not in names]
+    return {n: environ[n].strip() for n in names if environ.get(n, "").strip()}
+
+
+def server_versions(environ: Mapping[str, str]) -> dict[str, str]:
+    """The versions of the PostgreSQL and Redis at DATABASE_URL and REDIS_URL, as they answer
+    (not a local binary's: the servers may be someone else's); a silent one is left out."""
+    import psycopg2
+    import redis
+
+    versions = {}
+    try:
+        url = environ["DATABASE_URL"]
+        with closing(psycopg2.connect(url, connect_timeout=5)) as conn, conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            versions["postgres"] = version_of(cur.fetchone()[0])
+    except (KeyError, psycopg2.Error) as exc:
+        log(f"PostgreSQL's version unknown: {exc}")
+    try:
+        client = redis.Redis.from_url(environ["REDIS_URL"], socket_timeout=5)
+        versions["redis"] = str(client.info("server")["redis_version"])
+        client.close()
+    except (KeyError, redis.RedisError) as exc:
+        log(f"Redis's version unknown: {exc}")
+    return versions
+
+
+def write_meta(path: Path, pairs: Sequence[str]) -> None:
+    """Record what scripts/bench says of the run (KEY=VALUE: command, pinning, k6's version) with
+    the app's settings, its worker count, the servers' versions and the machine, for the report's
+    header."""
+    from importlib.metadata import version
+
+    from faststock.config import Config
+
+    meta: dict[str, Any] = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        meta[key] = version_of(value) if key == "k6" else value
+    meta |= server_versions(os.environ)
+    meta |= {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "workers": str(Config.from_env().web_concurrency),
+        "settings": labelled_settings(os.environ),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "gunicorn": version("gunicorn"),
+    }
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def chart_title(meta: Mapping[str, Any]) -> str:
+    """Two short lines for the charts: a chart copied out of its report still says what it shows."""
+    if not meta:
+        return "FastStock against the raw WSGI reference"
+    workers = meta.get("workers", "?")
+    workers = f"{workers} worker{'' if workers == '1' else 's'}"
+    mode = "pinned" if meta.get("pinned") == "1" else "not pinned"
+    settings = "".join(
+        f", {k}={v}" for k, v in meta.get("settings", {}).items() if k != "WEB_CONCURRENCY"
+    )
+    label = f", {meta['label']}" if meta.get("label") else ""
+    m = meta.get("machine", {})
+    return (
+        f"FastStock against the raw WSGI reference: {mode}, {workers}{settings}{label}\n"
+        f"{meta.get('date', '?')}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+    )
+
+
+def describe(meta: Mapping[str, Any], md: bool = False) -> list[str]:
+    """Two lines: what ran (command, date, pinning, workers, settings, label), and where."""
+    if not meta:
+        return []
+    workers = meta.get("workers", "?")
+    gunicorn = f"gunicorn with {workers} worker{'' if workers == '1' else 's'}"
+    if meta.get("pinned") == "1":
+        mode = (
+            f"pinned: {gunicorn} on CPU {meta.get('server_cpus', '?')}, "
+            f"k6 and pgbench on CPU {meta.get('client_cpus', '?')}"
+        )
+    else:
+        mode = f"not pinned: {gunicorn}, k6 on the same cores"
+    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items()) or "defaults"
+    label = f"; label: {meta['label']}" if meta.get("label") else ""
+    products = f"; {meta['products']} products" if meta.get("products") else ""
+    command = meta.get("command", "scripts/bench")
+    command = f"`{command}`" if md else command
+    names = {"python": "Python", "gunicorn": "gunicorn", "postgres": "PostgreSQL"}
+    names |= {"redis": "Redis", "k6": "k6"}
+    versions = ", ".join(f"{shown} {meta[key]}" for key, shown in names.items() if meta.get(key))
+    m = meta.get("machine", {})
+    return [
+        f"{command} on {meta.get('date', '?')}: {mode}; settings: {settings}{products}{label}",
+        f"machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory', '?')}, "
+        f"{m.get('os', '?')}; {versions}",
+    ]
+
+
+# ---- the report ----
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one k6 script (or pgbench) left in BENCH_DIR; None (or empty) where it left nothing."""
+
+    name: str
+    rc: str  # k6's exit status, as text
+    summary: Summary | None = None
+    health: Mapping[str, Any] | None = None
+    before: Mapping[str, float] | None = None  # cache counters before and after the run
+    after: Mapping[str, float] | None = None
+    events: list[list[str]] = field(default_factory=list)  # ["stopped", "3125"]: Redis, ms after t0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 9's targets as this run measured it."""
+
+    what: str
+    measured: str
+    needed: str
+    ok: bool
+
+    def row(self) -> Row:
+        return [self.what, self.measured, self.needed, "PASS" if self.ok else "FAIL"]
+
+
+TARGET_HEAD = ["target", "measured", "needed", "verdict"]
+
+
+def num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} ms"
+
+
+def times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def hit_rate(counts: Mapping[str, float]) -> str:
+    """Per cent of cache outcomes that were HITs, or "-" when nothing was read."""
+    reads = sum(counts.values())
+    return f"{100 * counts.get('HIT', 0) / reads:.1f}" if reads > 0 else "-"
+
+
+def result_of(rc: str) -> str:
+    return RESULTS.get(rc, f"ERROR({rc})")
+
+
+def ratio(x: float | None, ref: float | None) -> float | None:
+    return None if x is None or not ref else x / ref
+
+
+def composed_limit(raw_rps: float | None, pgbench_tps: float | None) -> float | None:
+    """The most a write can reach if it costs one raw HTTP answer plus one pgbench transaction,
+    paid one after the other: 1 / (1/raw + 1/pgbench)."""
+    if not raw_rps or not pgbench_tps:
+        return None
+    return 1 / (1 / raw_rps + 1 / pgbench_tps)
+
+
+def summaries_of(runs: Sequence[Run]) -> dict[str, Summary]:
+    return {run.name: run.summary for run in runs if run.summary is not None}
+
+
+def raw_ratio(name: str, rps: float | None, summaries: Mapping[str, Summary]) -> str:
+    """The "x raw" cell of a row of run `name`: "ref" for a raw run, "-" where nothing compares
+    (pgbench is no HTTP load; spike and the outage runs have no raw reference)."""
+    if name in RAW_SCRIPT:
+        return "ref"
+    raw = summaries.get(RAW_OF.get(name, "")) if name != "pgbench" else None
+    return "-" if raw is None else times(ratio(rps, raw.get("rps")))
+
+
+def table_row(label: str, s: Summary, hit: str, result: str, x: str = "-") -> Row:
+    failed = None if s.get("failed_rate") is None else 100 * s["failed_rate"]
+    latencies = ["avg_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms"]
+    return [
+        label,
+        str(s.get("vus", "-")),
+        str(s.get("duration", "-")),
+        num(s.get("rps"), 1),
+        x,
+        *(num(s.get(k), 2) for k in latencies),
+        num(failed, 2),
+        hit,
+        result,
+    ]
+
+
+def run_report(
+    run: Run, summaries: Mapping[str, Summary] | None = None
+) -> tuple[list[Row], list[str], dict[str, float | None]]:
+    """The rows and notes of one run, and its outage p95 by name (nothing unless it has
+    phases): the 2x criterion compares redis-outage's with redis-down's, run apart. `summaries`
+    (every run's, by name) give the "x raw" column its reference."""
+    name, summary, rows, notes = run.name, run.summary, [], []
+    summaries = summaries or {}
+    hit = "-"
+    if run.before is not None and run.after is not None:
+        before = run.before
+        hit = hit_rate({k: v - before.get(k, 0) for k, v in run.after.items()})
+    result = result_of(run.rc)
+    if run.health is not None:
+        healthy = run.health["healthy"]
+        notes.append(
+            f"{name}: healthy after: {'yes' if healthy else 'NO'} ({run.health['detail']})"
+        )
+        if not healthy and run.rc == "0":
+            result = "UNHEALTHY"
+    if summary is None:  # k6 died before writing it: the row still says how
+        return [[name, *["-"] * (len(HEAD) - 2), result]], notes, {}
+    rows.append(
+        table_row(name, summary, hit, result, raw_ratio(name, summary.get("rps"), summaries))
+    )
+    for scenario, s in summary.get("scenarios", {}).items():
+        whole = {**s, "vus": summary["vus"], "duration": summary["duration"]}
+        x = raw_ratio(name, s.get("rps"), summaries)
+        rows.append(table_row(f"  {name}:{scenario}", whole, "-", "", x))
+    for endpoint, s in summary.get("endpoints", {}).items():
+        rows.append(table_row(f"  {endpoint}", {**s, "vus": "", "duration": ""}, "-", ""))
+    if summary.get("think_ms") is not None:
+        pages = f", pages 1..{summary['pages']}" if summary.get("pages") else ""
+        notes.append(f"{name}: {summary['think_ms']:g} ms think time after each answer{pages}")
+    phases = summary.get("phases", {})
+    for phase, s in phases.items():
+        if s["requests"] or not summary["outage"]["down"]:
+            timed = {**s, "vus": summary["vus"], "duration": f"{s['seconds']:.1f}s"}
+            rows.append(table_row(f"  {name}:{phase}", timed, hit_rate(s["x_cache"]), ""))
+    if "statuses" in summary:
+        st = summary["statuses"]
+        notes.append(
+            f"{name}: answers 200 {st['200']}, 503 {st['503']}, other {st['other']}; "
+            f"p95 of the 200s {ms(summary['p95_200_ms'])}"
+        )
+    if not phases:
+        return rows, notes, {}
+    outage_p95 = phases["outage"]["p95_ms"]
+    failed = f"failed requests {summary['failed_requests']} of {summary['requests']}"
+    if summary["outage"]["down"]:
+        notes.append(f"{name}: p95 {ms(outage_p95)} with Redis down throughout; {failed}")
+        return rows, notes, {name: outage_p95}
+    redis = ", ".join(f"{k} at +{int(v) / 1000:.2f} s" for k, v in run.events) or "never stopped"
+    during = " / ".join(f"{p} {ms(phases[p]['p95_ms'])}" for p in ("before", "outage", "after"))
+    resumed = summary["hit_resumed_after_s"]
+    resumed_text = "none" if resumed is None else f"{resumed:.2f} s"
+    outage = summary["outage"]
+    notes.append(
+        f"{name}: p95 {during}; {failed}; first HIT after restore: {resumed_text} "
+        f"(outage {outage['start_s']:g}-{outage['end_s']:g} s; Redis {redis})"
+    )
+    return rows, notes, {name: outage_p95}
+
+
+def report(runs: Sequence[Run]) -> tuple[list[Row], list[str]]:
+    """The table's rows and the notes, in the order the scripts ran."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    p95: dict[str, float | None] = {}
+    summaries = summaries_of(runs)
+    for run in runs:
+        run_rows, run_notes, run_p95 = run_report(run, summaries)
+        rows += run_rows
+        notes += run_notes
+        p95.update(run_p95)
+    outage, down = p95.get("redis-outage"), p95.get("redis-down")
+    if outage and down:
+        notes.append(
+            f"outage p95 / redis-down p95 = {outage / down:.2f} (the criterion: at most 2)"
+        )
+    raw, deltas, pg = summaries.get(RAW), summaries.get("deltas"), summaries.get("pgbench")
+    if raw and deltas and pg:
+        limit = composed_limit(raw.get("rps"), pg.get("rps"))
+        notes.append(
+            f"deltas: {num(deltas.get('rps'), 1)} req/s = "
+            f"{times(ratio(deltas.get('rps'), limit))} the composed limit {num(limit, 1)}/s "
+            f"= 1 / (1/raw {num(raw.get('rps'), 1)} + 1/pgbench {num(pg.get('rps'), 1)})"
+        )
+    return rows, notes
+
+
+def targets(summaries: Mapping[str, Summary]) -> list[Target]:
+    """Issue 9's targets that this run's scenarios can tell, each measured against its raw
+    reference from the same run; and, if any, that no run failed a request."""
+    found: list[Target] = []
+    raw = summaries.get(RAW)
+    for name, need in READ_TARGETS.items():
+        if raw is not None and name in summaries:
+            r = ratio(summaries[name].get("rps"), raw.get("rps"))
+            needed = f">= {need:.2f}x"
+            found.append(
+                Target(f"{name} req/s / raw", times(r), needed, r is not None and r >= need)
+            )
+    seed, ref = summaries.get("seed-pagination"), summaries.get("raw-seed-pagination")
+    if seed is not None and ref is not None:
+        r = ratio(seed.get("rps"), ref.get("rps"))
+        need = SEED_PAGINATION_TARGET
+        found.append(
+            Target(
+                "seed-pagination req/s / raw-seed-pagination",
+                times(r),
+                f">= {need:.2f}x",
+                r is not None and r >= need,
+            )
+        )
+        p95, ref_p95 = seed.get("p95_ms"), ref.get("p95_ms")
+        bound = None if ref_p95 is None else SEED_P95_FACTOR * ref_p95 + SEED_P95_SLACK_MS
+        ok = p95 is not None and bound is not None and p95 <= bound
+        found.append(
+            Target("seed-pagination p95 (2x raw's + 2 ms)", ms(p95), f"<= {ms(bound)}", ok)
+        )
+    deltas, pg = summaries.get("deltas"), summaries.get("pgbench")
+    if raw is not None and deltas is not None and pg is not None:
+        r = ratio(deltas.get("rps"), composed_limit(raw.get("rps"), pg.get("rps")))
+        found.append(
+            Target(
+                "deltas req/s / 1/(1/raw + 1/pgbench)",
+                times(r),
+                f">= {DELTAS_TARGET:.2f}x",
+                r is not None and r >= DELTAS_TARGET,
+            )
+        )
+    if found:
+        failing = [
+            f"{name} {100 * s['failed_rate']:.2f}%"
+            for name, s in summaries.items()
+            if (s.get("failed_rate") or 0) > 0
+        ]
+        measured = ", ".join(failing) or "none"
+        found.append(Target("failed requests, every run", measured, "none", not failing))
+    return found
+
+
+def target_caveats(meta: Mapping[str, Any], summaries: Mapping[str, Summary]) -> list[str]:
+    """How this run differs from the one the targets are stated for (none: it is that run)."""
+    caveats = []
+    if meta.get("pinned") != "1":
+        caveats.append("not pinned (--pin)")
+    if meta.get("workers", "1") != "1":
+        caveats.append(f"{meta['workers']} workers, not 1")
+    off: dict[tuple[Any, int], list[str]] = {}  # (VUs run, VUs stated): the scripts so run
+    for name, vus in TARGET_VUS.items():
+        if name in summaries and summaries[name].get("vus") != vus:
+            off.setdefault((summaries[name].get("vus"), vus), []).append(name)
+    for (ran, stated), names in off.items():
+        caveats.append(f"{', '.join(names)} at {ran} VUs, not {stated}")
+    seed = summaries.get("seed-pagination") or {}
+    think, pages = seed.get("think_ms"), seed.get("pages")
+    if seed and (think, pages) != (SEED_THINK_MS, SEED_PAGES):
+        caveats.append(
+            f"seed-pagination with {think} ms think time and pages 1..{pages}, "
+            f"not {SEED_THINK_MS} ms and 1..{SEED_PAGES}"
+        )
+    return caveats
+
+
+TARGETS_TITLE = "targets (issue 9; met in one `scripts/bench --pin compare` run, one worker)"
+
+
+def align(head: Sequence[str], rows: Sequence[Row], indent: str = "") -> list[str]:
+    """The table's lines, columns aligned: the first to the left, figures to the right."""
+    table = [list(head), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return [
+        indent
+        + "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in table
+    ]
+
+
+def render(
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    found: Sequence[Target] = (),
+    caveats: Sequence[str] = (),
+    header: Sequence[str] = (),
+) -> str:
+    """The text report: what ran where, the table, the notes, then the targets."""
+    lines = [*header, *align(HEAD, rows)]
+    if notes:
+        lines += ["", *notes]
+    if found:
+        lines += ["", f"{TARGETS_TITLE}:", *align(TARGET_HEAD, [t.row() for t in found], "  ")]
+        if caveats:
+            lines.append(f"  not the targets' conditions ({'; '.join(caveats)}): indicative only")
+    return "\n".join(lines) + "\n"
+
+
+def md_table(head: Sequence[str], rows: Sequence[Row]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.strip().replace("|", "\\|")
+
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"
+    return [
+        "| " + " | ".join(head) + " |",
+        rule,
+        *("| " + " | ".join(cell(c) for c in r) + " |" for r in rows),
+    ]
+
+
+def markdown(
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    found: Sequence[Target],
+    caveats: Sequence[str],
+    meta: Mapping[str, Any],
+    images: Mapping[str, str],
+) -> str:
+    """The report in Markdown (results.md, and the README's block): `images` maps each chart's
+    description to its path."""
+    lines: list[str] = []
+    for line in describe(meta, md=True):
+        lines += [line[0].upper() + line[1:], ""]
+    lines += md_table(HEAD, rows)
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    if found:
+        lines += ["", f"{TARGETS_TITLE[0].upper()}{TARGETS_TITLE[1:]}:", ""]
+        lines += md_table(TARGET_HEAD, [t.row() for t in found])
+        if caveats:
+            lines += ["", f"Not the targets' conditions ({'; '.join(caveats)}): indicative only."]
+    for alt, path in images.items():
+        lines += ["", f"![{alt}]({path})"]
+    return "\n".join(lines) + "\n"
+
+
+CHART_ALT = {"reqs.png": "req/s per scenario", "latency.png": "p50, p95 and p99 per scenario"}
+
+
+def write_charts(runs: Sequence[tuple[str, Summary]], title: str, out_dir: Path) -> list[Path]:
+    """reqs.png (req/s of each run, with its ratio to its raw reference) and latency.png (p50,
+    p95, p99 of each run, log scale: the raw reference answers in a millisecond, a loaded service
+    in hundreds) in out_dir; a chart with nothing to show is not written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, whatever MPLBACKEND says
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    summaries = dict(runs)
+    written: list[Path] = []
+    measured = [(n, s) for n, s in runs if s.get("rps")]
+    if measured:
+        fig, ax = plt.subplots(figsize=(9, 1.4 + 0.42 * len(measured)))
+        colors = [
+            "#9e9e9e" if n in RAW_SCRIPT else "#4caf50" if n == "pgbench" else "#1f77b4"
+            for n, _ in measured
+        ]
+        values = [s["rps"] for _, s in measured]
+        ax.barh(range(len(measured)), values, color=colors)
+        ax.set_yticks(range(len(measured)), [n for n, _ in measured])
+        ax.invert_yaxis()
+        for i, (name, s) in enumerate(measured):
+            x = raw_ratio(name, s["rps"], summaries)
+            label = f" {s['rps']:,.0f}" + (f" ({x} raw)" if x not in ("-", "ref") else "")
+            ax.text(s["rps"], i, label, va="center", fontsize=8)
+        ax.set_xlim(0, 1.3 * max(values))
+        ax.set_xlabel("requests/s (pgbench: transactions/s); grey: the raw reference")
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / "reqs.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    keys = [("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")]
+    timed = [(n, s) for n, s in runs if all(s.get(k) is not None for k, _ in keys)]
+    if timed:
+        fig, ax = plt.subplots(figsize=(9, 1.6 + 0.6 * len(timed)))
+        height = 0.27
+        for j, (key, label) in enumerate(keys):
+            ys = [i + (j - 1) * height for i in range(len(timed))]
+            ax.barh(ys, [max(s[key], 1e-3) for _, s in timed], height, label=label)
+        ax.set_yticks(range(len(timed)), [n for n, _ in timed])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlim(left=0.5 * min(max(s[k], 1e-3) for _, s in timed for k, _ in keys))
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("latency, ms (log scale)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "latency.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def replace_block(text: str, block: str) -> str | None:
+    """`text` with what lies between README_START and README_END replaced by `block`, or None
+    if it has no such block."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return None
+    return f"{text[: start + len(README_START)]}\n{block.strip()}\n{text[end:]}"
+
+
+def write_results(bench_dir: Path, runs: Sequence[Run], save: tuple[Path, Path] | None) -> str:
+    """The text report (returned), and results.md and the charts in bench_dir; with `save`
+    (DEST, README), copies of them in DEST and the Markdown in README's block."""
+    meta = _load_json(bench_dir / "meta.json") or {}
+    rows, notes = report(runs)
+    summaries = summaries_of(runs)
+    found = targets(summaries)
+    caveats = target_caveats(meta, summaries) if found else []
+    header = describe(meta)
+    text = render(rows, notes, found, caveats, header)
+    for stale in [bench_dir / "results.md"] + [bench_dir / c for c in CHARTS]:
+        stale.unlink(missing_ok=True)
+    try:
+        charts = write_charts(
+            [(r.name, r.summary) for r in runs if r.summary], chart_title(meta), bench_dir
+        )
+    except ImportError as exc:  # matplotlib is a dev requirement; the table matters more
+        log(f"no charts: {exc}")
+        charts = []
+    images = {CHART_ALT[c.name]: c.name for c in charts}
+    (bench_dir / "results.md").write_text(markdown(rows, notes, found, caveats, meta, images))
+    if save is not None:
+        dest, readme = save
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", *CHARTS):
+            (dest / name).unlink(missing_ok=True)
+            if (bench_dir / name).exists():
+                shutil.copyfile(bench_dir / name, dest / name)
+        prefix = os.path.relpath(dest, readme.resolve().parent)
+        linked = {alt: f"{prefix}/{name}" for alt, name in images.items()}
+        block = markdown(rows, notes, found, caveats, meta, linked)
+        try:
+            updated = replace_block(readme.read_text(), block)
+        except OSError:
+            updated = None
+        if updated is None:
+            log(f"{readme} has no {README_START} ... {README_END} block: not updated")
+        else:
+            readme.write_text(updated)
+        log(f"saved the results to {dest}")
+    return text
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(bench_dir: Path, item: str) -> Run:
+    """The Run of NAME:RC from the files scripts/bench and k6 left in `bench_dir`."""
+    name, rc = item.rsplit(":", 1)
+    try:  # stopped=MS, started=MS after k6 was started
+        events = [line.split("=") for line in (bench_dir / f"{name}.events").read_text().split()]
+    except OSError:
+        events = []
+    return Run(
+        name=name,
+        rc=rc,
+        summary=(_load_json(bench_dir / f"{name}.json") or {}).get("faststock"),
+        health=_load_json(bench_dir / f"{name}.health"),
+        before=_load_json(bench_dir / f"{name}.before.cache"),
+        after=_load_json(bench_dir / f"{name}.after.cache"),
+        events=events,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    try:
+        if cmd == "check-config":
+            check_config()
+        elif cmd == "wait":
+            wait_ready(args[0], float(args[1]), int(args[2]))
+        elif cmd == "cache":
+            save_cache_counts(args[0], Path(args[1]))
+        elif cmd == "healthy":
+            return 0 if check_health(args[0], int(args[1]), Path(args[2])) else 1
+        elif cmd == "cache-back":
+            wait_cache_back(args[0], float(args[1]))
+        elif cmd == "raw-of":
+            raw = RAW_OF.get(args[0])
+            if raw is not None:
+                print(raw, RAW_SCRIPT[raw])
+        elif cmd == "pgbench-script":
+            Path(args[0]).write_text(pgbench_script(int(args[1])))
+        elif cmd == "pgbench-summary":
+            summary = pgbench_summary(Path(args[0]).read_text())
+            if summary is not None:
+                Path(args[1]).write_text(json.dumps({"faststock": summary}))
+        elif cmd == "meta":
+            write_meta(Path(args[0]), args[1:])
+        elif cmd == "table":
+            bench_dir, items, save = Path(args[0]), args[1:], None
+            if items[:1] == ["--save"]:
+                save, items = (Path(items[1]), Path(items[2])), items[3:]
+            runs = [load_run(bench_dir, item) for item in items]
+            sys.stdout.write(write_results(bench_dir, runs, save))
+        else:
+            raise BenchError(f"unknown command {cmd!r}")
+    except BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

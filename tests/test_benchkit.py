@@ -1,0 +1,611 @@
+"""scripts/benchkit.py's report and parsers, on small hand-made k6 summaries: no server, no k6.
+
+The summaries have the shape k6/lib.js writes under "faststock" (with the extra fields of
+k6/spike.js, k6/redis-outage.js and the seed scenarios where a test needs them). scripts/bench's
+own end-to-end runs are in test_bench.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import benchkit
+import rawref
+from benchkit import Run, render, report, run_report, targets
+from faststock.config import Config
+
+
+def figures(**extra):
+    """One script's (or scenario's, endpoint's, phase's) figures as k6/lib.js reports them."""
+    return {
+        "requests": 300,
+        "rps": 100.04,
+        "avg_ms": 1.234,
+        "p50_ms": 1.5,
+        "p90_ms": 2.0,
+        "p95_ms": 3.456,
+        "p99_ms": 9.0,
+        "failed_rate": 0.005,
+        **extra,
+    }
+
+
+def summary(**extra):
+    return {"script": "product", "vus": 5, "duration": "3s", **figures(), **extra}
+
+
+def outage_summary(down=False, hit_resumed=0.25, outage_p95=6.0):
+    def phase(requests, p95, x_cache):
+        return figures(requests=requests, p95_ms=p95, seconds=1.0, x_cache=x_cache)
+
+    quiet = 0 if down else 100
+    return summary(
+        outage={"start_s": 1, "end_s": 2, "load_started_s": 0.05, "down": down},
+        phases={
+            "before": phase(quiet, 2.0, {"HIT": 90, "MISS": 10, "BYPASS": 0, "none": 0}),
+            "outage": phase(100, outage_p95, {"HIT": 0, "MISS": 0, "BYPASS": 100, "none": 0}),
+            "after": phase(quiet, 3.0, {"HIT": 3, "MISS": 0, "BYPASS": 1, "none": 0}),
+        },
+        failed_requests=0,
+        hit_resumed_after_s=None if down else hit_resumed,
+    )
+
+
+def rows_by_label(rows):
+    return {row[0]: dict(zip(benchkit.HEAD, row, strict=True)) for row in rows}
+
+
+def test_cache_counts_sums_outcomes_over_routes_and_ignores_other_series():
+    metrics = "\n".join(
+        [
+            "# TYPE faststock_cache_requests_total counter",
+            'faststock_cache_requests_total{endpoint="product",result="HIT"} 120.0',
+            'faststock_cache_requests_total{endpoint="stock",result="HIT"} 30.0',
+            'faststock_cache_requests_total{endpoint="list",result="MISS"} 7.0',
+            'faststock_cache_requests_total{endpoint="list"} 2.0',
+            'faststock_cache_requests_created{endpoint="product",result="HIT"} 1.7e9',
+            'flask_http_request_total{method="GET",status="200"} 5.0',
+        ]
+    )
+    assert benchkit.cache_counts(metrics) == {"HIT": 150.0, "MISS": 7.0, "?": 2.0}
+    assert benchkit.cache_counts("") == {}
+
+
+def test_hit_rate():
+    assert benchkit.hit_rate({"HIT": 3, "MISS": 1, "BYPASS": 0}) == "75.0"
+    assert benchkit.hit_rate({"HIT": 0, "MISS": 0}) == "-"  # nothing read: no rate at all
+    assert benchkit.hit_rate({}) == "-"
+
+
+@pytest.mark.parametrize(
+    ("rc", "result"), [("0", "ok"), ("99", "THRESHOLDS"), ("124", "TIMEOUT"), ("1", "ERROR(1)")]
+)
+def test_result_names_k6_exit_statuses(rc, result):
+    assert run_report(Run("product", rc, summary()))[0][0][-1] == result
+
+
+def test_row_of_a_script():
+    rows, notes, p95 = run_report(Run("product", "0", summary(), before={}, after={"HIT": 4.0}))
+    assert len(rows) == 1 and len(rows[0]) == len(benchkit.HEAD)
+    assert rows[0][:7] == ["product", "5", "3s", "100.0", "-", "1.23", "1.50"]
+    assert rows[0][7:] == ["2.00", "3.46", "9.00", "0.50", "100.0", "ok"]
+    assert notes == [] and p95 == {}
+
+
+def test_missing_figures_are_dashes():
+    s = summary(avg_ms=None, p50_ms=None, p90_ms=None, p95_ms=None, p99_ms=None, failed_rate=None)
+    row = rows_by_label(run_report(Run("product", "0", s))[0])["product"]
+    columns = ("avg ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "failed %")
+    assert [row[c] for c in columns] == ["-"] * 6
+    assert row["cache hit %"] == "-"  # no counters recorded
+
+
+def test_hit_rate_is_of_the_run_alone():
+    """The counters are cumulative since gunicorn started: only the run's difference counts."""
+    run = Run(
+        "product",
+        "0",
+        summary(),
+        before={"HIT": 100.0, "MISS": 50.0},
+        after={"HIT": 190.0, "MISS": 60.0},
+    )
+    assert rows_by_label(run_report(run)[0])["product"]["cache hit %"] == "90.0"
+
+
+def test_a_run_without_a_summary_still_has_its_row():
+    rows, notes, _ = run_report(Run("stock", "124"))
+    assert rows == [["stock", *["-"] * 11, "TIMEOUT"]] and notes == []
+
+
+def test_scenarios_and_endpoints_get_rows_of_their_own():
+    s = summary(
+        scenarios={"random": figures(rps=50.0), "hot": figures(rps=60.0, failed_rate=None)},
+        endpoints={"POST /api/products/:id/update-stock": figures()},
+    )
+    rows = rows_by_label(run_report(Run("update-stock", "0", s))[0])
+    assert list(rows) == [
+        "update-stock",
+        "  update-stock:random",
+        "  update-stock:hot",
+        "  POST /api/products/:id/update-stock",
+    ]
+    hot = rows["  update-stock:hot"]
+    assert (hot["VUs"], hot["duration"], hot["req/s"], hot["failed %"]) == ("5", "3s", "60.0", "-")
+    assert hot["result"] == "" and hot["cache hit %"] == "-"
+    endpoint = rows["  POST /api/products/:id/update-stock"]
+    assert (endpoint["VUs"], endpoint["duration"]) == ("", "")
+
+
+def test_spike_notes_its_answers_and_health():
+    s = summary(statuses={"200": 90, "503": 10, "other": 0}, p95_200_ms=12.5)
+    health = {"healthy": True, "detail": "/healthz 200 in 3 ms, /api/products/7 200 in 2 ms"}
+    rows, notes, _ = run_report(Run("spike", "0", s, health=health))
+    assert rows[0][-1] == "ok"
+    assert notes == [
+        "spike: healthy after: yes (/healthz 200 in 3 ms, /api/products/7 200 in 2 ms)",
+        "spike: answers 200 90, 503 10, other 0; p95 of the 200s 12.50 ms",
+    ]
+
+
+def test_an_unhealthy_spike_fails_its_row_unless_k6_failed_already():
+    health = {"healthy": False, "detail": "/healthz ConnectionRefusedError in 0 ms"}
+    rows, notes, _ = run_report(Run("spike", "0", None, health=health))
+    assert rows[0][-1] == "UNHEALTHY"
+    assert notes == ["spike: healthy after: NO (/healthz ConnectionRefusedError in 0 ms)"]
+    assert run_report(Run("spike", "99", None, health=health))[0][0][-1] == "THRESHOLDS"
+
+
+def test_redis_outage_rows_per_phase_and_note():
+    events = [["stopped", "1030"], ["started", "2015"]]
+    rows, notes, p95 = run_report(Run("redis-outage", "0", outage_summary(), events=events))
+    by_label = rows_by_label(rows)
+    assert list(by_label) == [
+        "redis-outage",
+        "  redis-outage:before",
+        "  redis-outage:outage",
+        "  redis-outage:after",
+    ]
+    assert by_label["  redis-outage:before"]["cache hit %"] == "90.0"
+    assert by_label["  redis-outage:outage"]["cache hit %"] == "0.0"
+    assert by_label["  redis-outage:after"]["duration"] == "1.0s"
+    assert notes == [
+        "redis-outage: p95 before 2.00 ms / outage 6.00 ms / after 3.00 ms; failed requests 0 of "
+        "300; first HIT after restore: 0.25 s (outage 1-2 s; Redis stopped at +1.03 s, started "
+        "at +2.02 s)"
+    ]
+    assert p95 == {"redis-outage": 6.0}
+
+
+def test_redis_outage_without_a_hit_or_events_says_so():
+    run = Run("redis-outage", "99", outage_summary(hit_resumed=None))
+    note = run_report(run)[1][0]
+    assert "first HIT after restore: none" in note and "Redis never stopped" in note
+
+
+def test_redis_down_hides_its_empty_phases():
+    rows, notes, p95 = run_report(Run("redis-down", "0", outage_summary(down=True, outage_p95=4.0)))
+    assert [row[0] for row in rows] == ["redis-down", "  redis-down:outage"]
+    assert notes == ["redis-down: p95 4.00 ms with Redis down throughout; failed requests 0 of 300"]
+    assert p95 == {"redis-down": 4.0}
+
+
+def test_the_outage_ratio_needs_both_runs():
+    down = Run("redis-down", "0", outage_summary(down=True, outage_p95=4.0))
+    outage = Run("redis-outage", "0", outage_summary(outage_p95=6.0))
+    notes = report([down, outage])[1]
+    assert notes[-1] == "outage p95 / redis-down p95 = 1.50 (the criterion: at most 2)"
+    assert not any("criterion" in note for note in report([outage])[1])
+
+
+def test_render_aligns_names_left_and_figures_right():
+    rows = [
+        ["product", "5", "3s", "100.0", "0.50x", "1.23", "1.50", "2.00", "3.46", "9.00"],
+        ["  GET /x", "", "", "1.0", "-", "1.00", "1.00", "1.00", "1.00", "1.00"],
+    ]
+    rows[0] += ["0.50", "90.0", "ok"]
+    rows[1] += ["0.00", "-", ""]
+    assert render(rows, []).splitlines() == [
+        "script    VUs  duration  req/s  x raw  avg ms  p50 ms  p90 ms  p95 ms  p99 ms  "
+        "failed %  cache hit %  result",
+        "product     5        3s  100.0  0.50x    1.23    1.50    2.00    3.46    9.00  "
+        "    0.50         90.0      ok",
+        "  GET /x                   1.0      -    1.00    1.00    1.00    1.00    1.00  "
+        "    0.00            -",  # the trailing blanks of the empty result cell are stripped
+    ]
+    assert render(rows, ["a note"]).endswith("            -\n\na note\n")
+
+
+def test_table_reads_what_a_run_left_in_bench_dir(tmp_path, capsys):
+    (tmp_path / "product.json").write_text(json.dumps({"faststock": summary(), "k6": {}}))
+    (tmp_path / "product.before.cache").write_text(json.dumps({"HIT": 1.0}))
+    (tmp_path / "product.after.cache").write_text(json.dumps({"HIT": 2.0, "MISS": 1.0}))
+    (tmp_path / "stock.json").write_text("{truncated")  # k6 killed mid-write
+    (tmp_path / "redis-outage.json").write_text(json.dumps({"faststock": outage_summary()}))
+    (tmp_path / "redis-outage.events").write_text("stopped=1030\nstarted=2015\n")
+
+    assert benchkit.main(["table", str(tmp_path), "product:0", "stock:1", "redis-outage:0"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["product"][-2:] == ["50.0", "ok"]
+    assert rows["stock"] == ["stock", *["-"] * 11, "ERROR(1)"]
+    assert "Redis stopped at +1.03 s, started at +2.02 s" in out
+    assert (tmp_path / "results.md").read_text().count("| product | 5 | 3s |") == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("DB_POOL_SIZE=abc", "DB_POOL_SIZE must be a whole number, got 'abc'"),
+        ("LOG_LEVEL=chatty", "LOG_LEVEL must be one of"),
+    ],
+)
+def test_check_config_exits_with_the_apps_one_line(monkeypatch, setting, line):
+    name, value = setting.split("=")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        benchkit.main(["check-config"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"faststock: configuration error: {line}")
+    assert "\n" not in message
+
+
+def test_check_config_accepts_the_defaults(monkeypatch):
+    for name in Config().env_names:
+        monkeypatch.delenv(name, raising=False)
+    assert benchkit.main(["check-config"]) == 0
+
+
+# ---- the raw reference, ratios and targets ----
+
+
+def at(rps, **extra):
+    """A run's summary at `rps` req/s (50 VUs, as the targets are stated; no failed request)."""
+    return summary(**{"rps": rps, "vus": 50, "failed_rate": 0.0, **extra})
+
+
+def test_rawref_answers_a_constant_62_byte_json_body():
+    seen = []
+    body = b"".join(rawref.app({"PATH_INFO": "/anything"}, lambda *a: seen.append(a)))
+    assert body == rawref.BODY and len(body) == 62
+    assert json.loads(body) == {"id": 42, "name": "Product 000042", "price": "327.98", "stock": 224}
+    status, headers = seen[0]
+    assert status == "200 OK"
+    assert dict(headers) == {"Content-Type": "application/json", "Content-Length": "62"}
+
+
+@pytest.mark.parametrize(
+    ("name", "printed"),
+    [
+        ("product", "raw product\n"),
+        ("deltas", "raw product\n"),
+        ("pgbench", "raw product\n"),  # the composed limit needs raw
+        ("seed-stock", "raw-seed-stock seed-stock\n"),
+        ("seed-pagination", "raw-seed-pagination seed-pagination\n"),
+        ("spike", ""),  # resilience, not throughput: no reference
+        ("redis-outage", ""),
+    ],
+)
+def test_raw_of_names_each_scripts_reference_and_its_k6_script(capsys, name, printed):
+    assert benchkit.main(["raw-of", name]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_every_row_shows_its_ratio_to_the_reference_of_its_shape():
+    runs = [
+        Run("raw", "0", at(1000.0)),
+        Run("product", "0", at(500.0)),
+        Run("update-stock", "0", at(300.0, scenarios={"random": figures(rps=250.0)})),
+        Run("pgbench", "0", at(4000.0)),
+        Run("raw-seed-stock", "0", at(100.0)),
+        Run("seed-stock", "0", at(90.0)),
+        Run("spike", "0", at(2000.0)),
+    ]
+    x = {label.strip(): row["x raw"] for label, row in rows_by_label(report(runs)[0]).items()}
+    assert x == {
+        "raw": "ref",
+        "product": "0.50x",
+        "update-stock": "0.30x",
+        "update-stock:random": "0.25x",
+        "pgbench": "-",  # transactions, not HTTP answers: the composed limit's note says more
+        "raw-seed-stock": "ref",
+        "seed-stock": "0.90x",  # its own reference, not raw
+        "spike": "-",
+    }
+
+
+def test_without_its_reference_a_row_has_no_ratio():
+    rows, _ = report([Run("product", "0", at(500.0)), Run("seed-stock", "0", at(90.0))])
+    assert [row[benchkit.HEAD.index("x raw")] for row in rows] == ["-", "-"]
+
+
+def test_composed_limit():
+    assert benchkit.composed_limit(1000.0, 1000.0) == 500.0
+    assert benchkit.composed_limit(3000.0, 6000.0) == pytest.approx(2000.0)
+    assert benchkit.composed_limit(None, 1000.0) is None
+    assert benchkit.composed_limit(1000.0, 0.0) is None
+
+
+def test_deltas_note_shows_the_composed_limit():
+    runs = [
+        Run("raw", "0", at(3000.0)),
+        Run("deltas", "0", at(500.0)),
+        Run("pgbench", "0", at(6000.0)),
+    ]
+    assert report(runs)[1] == [
+        "deltas: 500.0 req/s = 0.25x the composed limit 2000.0/s = 1 / (1/raw 3000.0 + 1/pgbench "
+        "6000.0)"
+    ]
+    assert report(runs[:2])[1] == []  # no pgbench, no limit
+
+
+def test_seed_runs_note_their_think_time():
+    s = at(90.0, think_ms=50, pages=10)
+    notes = report([Run("seed-pagination", "0", s), Run("seed-stock", "0", at(9.0, think_ms=50))])[
+        1
+    ]
+    assert notes == [
+        "seed-pagination: 50 ms think time after each answer, pages 1..10",
+        "seed-stock: 50 ms think time after each answer",
+    ]
+
+
+def all_targets(product=900.0, stock=899.0, seed=950.0, seed_p95=12.0, deltas=250.0):
+    """Summaries of a whole compare run: raw 1000 req/s, pgbench 1000 tps (a limit of 500/s), the
+    seed pagination reference at 1000 req/s with a p95 of 5 ms (a bound of 12 ms)."""
+    return {
+        "raw": at(1000.0),
+        "product": at(product),
+        "stock": at(stock),
+        "products": at(800.0),
+        "deltas": at(deltas),
+        "pgbench": at(1000.0),
+        "raw-seed-pagination": at(1000.0, p95_ms=5.0, vus=200),
+        "seed-pagination": at(seed, p95_ms=seed_p95, vus=200, think_ms=50, pages=10),
+    }
+
+
+def test_targets_pass_at_their_bounds_and_fail_past_them():
+    assert [t.row() for t in targets(all_targets())] == [
+        ["product req/s / raw", "0.90x", ">= 0.90x", "PASS"],
+        ["stock req/s / raw", "0.90x", ">= 0.90x", "FAIL"],  # 0.899, shown rounded
+        ["products req/s / raw", "0.80x", ">= 0.80x", "PASS"],
+        ["seed-pagination req/s / raw-seed-pagination", "0.95x", ">= 0.95x", "PASS"],
+        ["seed-pagination p95 (2x raw's + 2 ms)", "12.00 ms", "<= 12.00 ms", "PASS"],
+        ["deltas req/s / 1/(1/raw + 1/pgbench)", "0.50x", ">= 0.50x", "PASS"],
+        ["failed requests, every run", "none", "none", "PASS"],
+    ]
+    failing = targets(all_targets(product=899.0, seed=949.0, seed_p95=12.01, deltas=249.0))
+    assert [t.ok for t in failing] == [False, False, True, False, False, False, True]
+
+
+def test_a_target_needs_its_reference():
+    s = all_targets()
+    assert targets({k: v for k, v in s.items() if k != "raw"})[0].what.startswith("seed-pagination")
+    assert targets({"product": s["product"], "deltas": s["deltas"]}) == []  # no ratio: no targets
+    only_product = targets({"raw": s["raw"], "product": s["product"]})
+    assert [t.what for t in only_product] == ["product req/s / raw", "failed requests, every run"]
+
+
+def test_the_failed_requests_target_names_every_run_that_failed_one():
+    s = all_targets()
+    s["raw"] = at(1000.0, failed_rate=0.001)
+    s["deltas"] = at(250.0, failed_rate=0.02)
+    last = targets(s)[-1]
+    assert (last.measured, last.ok) == ("raw 0.10%, deltas 2.00%", False)
+
+
+def test_target_caveats_say_how_a_run_differs_from_the_targets_one():
+    s = all_targets()
+    assert benchkit.target_caveats({"pinned": "1", "workers": "1"}, s) == []
+    s["product"] = at(900.0, vus=5)
+    s["stock"] = at(900.0, vus=5)
+    s["seed-pagination"] = at(950.0, vus=200, think_ms=0, pages=10)
+    assert benchkit.target_caveats({"pinned": "0", "workers": "2"}, s) == [
+        "not pinned (--pin)",
+        "2 workers, not 1",
+        "product, stock at 5 VUs, not 50",
+        "seed-pagination with 0 ms think time and pages 1..10, not 50 ms and 1..10",
+    ]
+
+
+def test_render_prints_the_targets_and_their_caveats():
+    found = targets(all_targets())
+    text = render([], [], found, ["not pinned (--pin)"], ["what ran where"])
+    lines = text.splitlines()
+    assert lines[0] == "what ran where"
+    assert lines[lines.index(f"{benchkit.TARGETS_TITLE}:") + 1].split() == benchkit.TARGET_HEAD
+    assert "  product req/s / raw" in text and text.count("PASS") == 6
+    assert lines[-1] == "  not the targets' conditions (not pinned (--pin)): indicative only"
+    assert benchkit.TARGETS_TITLE not in render([], [])  # nothing to tell, no section
+
+
+def test_markdown_has_the_header_table_targets_and_images():
+    meta = {"command": "scripts/bench --pin compare", "date": "2026-11-25 20:00 UTC"}
+    meta |= {"pinned": "1", "workers": "1", "server_cpus": "1", "client_cpus": "0"}
+    meta |= {"settings": {"FAST_LANE": "0"}, "machine": {"cpu": "Some CPU", "cores": "2"}}
+    rows, notes = report([Run("raw", "0", at(1000.0)), Run("product", "0", at(500.0))])
+    found = targets(all_targets())
+    text = benchkit.markdown(rows, notes, found, [], meta, {"req/s": "docs/bench/reqs.png"})
+    lines = text.splitlines()
+    assert lines[0] == (
+        "`scripts/bench --pin compare` on 2026-11-25 20:00 UTC: pinned: gunicorn with 1 worker "
+        "on CPU 1, k6 and pgbench on CPU 0; settings: FAST_LANE=0"
+    )
+    assert lines[2].startswith("Machine: Some CPU, 2 cores")
+    assert "| product | 50 | 3s | 500.0 | 0.50x | 1.23 | 1.50 |" in text
+    assert "| stock req/s / raw | 0.90x | >= 0.90x | FAIL |" in text
+    assert lines[-1] == "![req/s](docs/bench/reqs.png)"
+
+
+def test_describe_says_what_ran_where():
+    base = {"command": "scripts/bench compare", "date": "D", "workers": "2", "k6": "1.1.0"}
+    assert benchkit.describe(base)[0] == (
+        "scripts/bench compare on D: not pinned: gunicorn with 2 workers, k6 on the same cores; "
+        "settings: defaults"
+    )
+    labelled = {**base, "label": "B", "products": "1000"}
+    assert benchkit.describe(labelled)[0].endswith("settings: defaults; 1000 products; label: B")
+    assert benchkit.describe(base)[1].endswith("; k6 1.1.0")
+    assert benchkit.describe({}) == []
+
+
+def test_charts_are_pngs_of_what_was_measured(tmp_path):
+    runs = [("raw", at(1000.0)), ("product", at(500.0)), ("pgbench", at(800.0, p50_ms=None))]
+    written = benchkit.write_charts(runs, "title", tmp_path)
+    assert written == [tmp_path / "reqs.png", tmp_path / "latency.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(tmp_path / "latency.png") as latency, Image.open(tmp_path / "reqs.png") as reqs:
+        assert latency.size[0] > 400 and reqs.size[1] > 150
+
+
+def test_a_chart_with_nothing_to_show_is_not_drawn(tmp_path):
+    no_latency = at(800.0, p50_ms=None, p95_ms=None, p99_ms=None)
+    assert benchkit.write_charts([("pgbench", no_latency)], "t", tmp_path) == [
+        tmp_path / "reqs.png"
+    ]
+    assert benchkit.write_charts([("k6 died", {"rps": 0})], "t", tmp_path / "none") == []
+
+
+def write_run(bench_dir, name, s):
+    (bench_dir / f"{name}.json").write_text(json.dumps({"faststock": s}))
+
+
+def test_save_copies_the_results_and_rewrites_the_readme_block(tmp_path):
+    bench_dir, dest = tmp_path / "bench", tmp_path / "docs" / "bench"
+    bench_dir.mkdir()
+    write_run(bench_dir, "raw", at(1000.0))
+    write_run(bench_dir, "product", at(450.0))
+    (bench_dir / "meta.json").write_text(json.dumps({"command": "scripts/bench --pin product"}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:latest -->\nold\n<!-- /bench:latest -->\nafter\n")
+
+    runs = [benchkit.load_run(bench_dir, "raw:0"), benchkit.load_run(bench_dir, "product:0")]
+    text = benchkit.write_results(bench_dir, runs, (dest, readme))
+
+    assert "product req/s / raw" in text
+    for name in ("results.md", "reqs.png", "latency.png"):
+        assert (dest / name).read_bytes() == (bench_dir / name).read_bytes()
+    assert "![req/s per scenario](reqs.png)" in (dest / "results.md").read_text()
+    new = readme.read_text()
+    assert new.startswith("# x\n\nbefore\n<!-- bench:latest -->\n`scripts/bench --pin product`")
+    assert new.endswith(
+        "![p50, p95 and p99 per scenario](docs/bench/latency.png)\n<!-- /bench:latest -->\nafter\n"
+    )
+    assert "old" not in new and "| product | 50 | 3s | 450.0 | 0.45x |" in new
+
+
+def test_save_leaves_a_readme_without_the_block_alone_and_drops_stale_charts(tmp_path, capsys):
+    bench_dir, dest = tmp_path / "bench", tmp_path / "dest"
+    bench_dir.mkdir()
+    dest.mkdir()
+    (dest / "latency.png").write_bytes(b"an older run's")
+    write_run(bench_dir, "pgbench", at(800.0, p50_ms=None, p95_ms=None, p99_ms=None))
+    readme = tmp_path / "README.md"
+    readme.write_text("no block here\n")
+
+    benchkit.write_results(bench_dir, [benchkit.load_run(bench_dir, "pgbench:0")], (dest, readme))
+
+    assert readme.read_text() == "no block here\n"
+    assert "no <!-- bench:latest --> ... <!-- /bench:latest --> block" in capsys.readouterr().err
+    assert (dest / "reqs.png").exists() and not (dest / "latency.png").exists()
+
+
+# ---- pgbench and the run's description ----
+
+
+def test_pgbench_sql_turns_placeholders_into_variables():
+    product_id, delta = benchkit.PGBENCH_PARAMS
+    named = "UPDATE t SET s = s + %(d)s WHERE id = %(i)s AND note LIKE 'a%%'"
+    assert benchkit.pgbench_sql(named, {"i": product_id, "d": delta}) == (
+        "UPDATE t SET s = s + :delta WHERE id = :id AND note LIKE 'a%'"
+    )
+    positional = "SELECT %s, %s, %s"
+    assert benchkit.pgbench_sql(positional, (delta, product_id, delta)) == (
+        "SELECT :delta, :id, :delta"
+    )
+    with pytest.raises(benchkit.BenchError, match="no variable"):
+        benchkit.pgbench_sql("SELECT %s", (5,))
+
+
+def test_pgbench_script_runs_the_services_own_delta_statement():
+    script = benchkit.pgbench_script(200)
+    draws, sql = script.split("\n", 2)[:2], script.split("\n", 2)[2]
+    assert draws == ["\\set id random(1, 200)", "\\set delta random(0, 1) * 2 - 1"]
+    assert "UPDATE products" in sql and ":id" in sql and ":delta" in sql
+    assert "%(" not in sql and "%s" not in sql
+    assert sql.endswith(";\n") and sql.count(";") == 1
+
+
+PGBENCH_OUTPUT = """pgbench (15.18 (Debian 15.18-0+deb12u1))
+transaction type: /tmp/bench/pgbench.sql
+scaling factor: 1
+query mode: simple
+number of clients: 50
+number of threads: 1
+maximum number of tries: 1
+duration: 30 s
+number of transactions actually processed: 382914
+number of failed transactions: 6 (0.002%)
+latency average = 3.917 ms
+initial connection time = 41.234 ms
+tps = 12764.123456 (without initial connection time)
+"""
+
+
+def test_pgbench_summary_reads_its_closing_report():
+    s = benchkit.pgbench_summary(PGBENCH_OUTPUT)
+    assert s["script"] == "pgbench" and (s["vus"], s["duration"]) == (50, "30s")
+    assert (s["requests"], s["rps"], s["avg_ms"]) == (382914, 12764.123456, 3.917)
+    assert s["failed_rate"] == pytest.approx(6 / 382920)
+    assert s["p50_ms"] is None and s["p99_ms"] is None  # pgbench prints no percentiles
+    assert benchkit.pgbench_summary("pgbench: error: connection refused\n") is None
+
+
+def test_pgbench_summary_command_writes_a_k6_shaped_file(tmp_path):
+    (tmp_path / "pgbench.log").write_text(PGBENCH_OUTPUT)
+    args = [str(tmp_path / "pgbench.log"), str(tmp_path / "pgbench.json")]
+    assert benchkit.main(["pgbench-summary", *args]) == 0
+    run = benchkit.load_run(tmp_path, "pgbench:0")
+    assert run.summary["rps"] == 12764.123456
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0", "7.0.15"),
+        ("k6 v1.1.0 (go1.24.4, linux/amd64)", "1.1.0"),
+        ("15.18 (Debian 15.18-0+deb12u1)", "15.18"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_version_of(text, version):
+    assert benchkit.version_of(text) == version
+
+
+def test_labelled_settings_are_those_set_that_decide_something():
+    environ = {"FAST_LANE": "0", "METRICS": " 0 ", "DB_POOL_SIZE": "5", "CACHE_TTL_SECONDS": ""}
+    environ |= {"DATABASE_URL": "postgresql://x", "PORT": "8123", "LOG_LEVEL": "WARNING"}
+    assert benchkit.labelled_settings(environ) == {
+        "DB_POOL_SIZE": "5",
+        "FAST_LANE": "0",
+        "METRICS": "0",
+    }
+
+
+def test_meta_records_the_run_the_settings_and_the_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    monkeypatch.setenv("FAST_LANE", "0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")  # refused at once
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    pairs = ["command=scripts/bench --pin", "pinned=1", "k6=k6 v1.1.0 (go1.24.4)"]
+    assert benchkit.main(["meta", str(tmp_path / "meta.json"), *pairs]) == 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["command"], meta["pinned"], meta["k6"]) == ("scripts/bench --pin", "1", "1.1.0")
+    assert meta["workers"] == "1" and meta["settings"] == {"WEB_CONCURRENCY": "1", "FAST_LANE": "0"}
+    assert "postgres" not in meta and "redis" not in meta  # nobody answered: no guess
+    assert int(meta["machine"]["cores"]) >= 1 and meta["gunicorn"]

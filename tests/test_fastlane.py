@@ -1,0 +1,162 @@
+"""The fast lane answers exactly as the Flask views would, and only what it can prove current."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+
+from faststock.fastlane import FastLane
+from faststock.metrics import get_lane_counts
+from faststock.nearcache import get_near
+from tests.servers import poll
+
+REQUEST_ID = {"X-Request-ID": "table-test-1"}
+
+TABLE = [
+    "/api/products/1",
+    "/api/products/100",
+    "/api/products/0042",
+    "/api/products/42/stock",
+    "/api/products/0",
+    "/api/products/-1",
+    "/api/products/abc",
+    "/api/products/1.5",
+    "/api/products/%31",
+    "/api/products/%EF%BC%91",  # a full-width digit one
+    "/api/products/9999",
+    "/api/products/9223372036854775807",
+    "/api/products/9223372036854775808",
+    "/api/products/" + "9" * 40,
+    "/api/products/1/",
+    "/api/products/1/stock/",
+    "/api/products/1/stocks",
+    "/api/products/1?x=1",
+    "/api/products/1/stock?verbose=1",
+    "/api/products",
+    "/api/products/",
+    "/api/products?page=2",
+    "/api/products?limit=5",
+    "/api/products?page=2&limit=5",
+    "/api/products?limit=5&page=2",
+    "/api/products?page=02&limit=005",
+    "/api/products?page=11&limit=10",
+    "/api/products?page=1&page=2",
+    "/api/products?page=0",
+    "/api/products?limit=101",
+    "/api/products?limit=0",
+    "/api/products?page=1&x=1",
+    "/api/products?page=1&",
+    "/api/products?&page=1",
+    "/api/products?page=%31",
+    "/api/products?page=+1",
+    "/api/products?page=1;limit=2",
+    "/api/products?PAGE=1",
+    "/api/products?page",
+    "/api/products?page=",
+    "/api/products?page=92233720368547759",
+    "/api/products?page=92233720368547760",
+    "/api/productsx",
+]
+
+
+def answer(server, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    response = requests.get(
+        server.url(path), headers={"Connection": "close", **(headers or {})}, timeout=10
+    )
+    kept = {k: v for k, v in response.headers.items() if k not in ("Date", "Server")}
+    return response.status_code, kept, response.content
+
+
+@pytest.fixture
+def lane_and_flask(live_server):
+    """One worker each, on the same database and Redis: the fast lane on, and off."""
+    return live_server(WEB_CONCURRENCY="1"), live_server(WEB_CONCURRENCY="1", FAST_LANE="0")
+
+
+def warm(server, path: str) -> None:
+    """Load `path` into the worker's near cache: a page's products join it from its 2nd read."""
+    for _ in range(3):
+        answer(server, path)
+
+
+def test_the_lane_and_flask_give_the_same_status_headers_and_bytes(lane_and_flask):
+    lane, flask_only = lane_and_flask
+    for path in TABLE:
+        warm(lane, path)
+        warm(flask_only, path)
+    for path in TABLE:
+        for headers in (REQUEST_ID, {}):
+            got = answer(lane, path, headers)
+            want = answer(flask_only, path, headers)
+            if not headers:  # a fresh id each time: same shape, not the same value
+                for _, kept, _ in (got, want):
+                    assert re.fullmatch(r"[0-9a-f]{32}", kept.pop("X-Request-ID")), path
+            assert got == want, path
+
+
+def test_the_lane_answers_hits_and_leaves_the_rest_to_flask(make_app, fresh):
+    app = make_app()
+    near = get_near(app)
+    near.heartbeat()  # a gunicorn worker's keeper does this every second
+    assert near.usable()
+    assert isinstance(app.wsgi_app, FastLane)
+    client = app.test_client()
+    counts = get_lane_counts(app)
+    for path in ("/api/products/7", "/api/products?page=3&limit=4"):
+        for _ in range(3):
+            assert client.get(path).status_code == 200
+    counts.flush()
+    answered: list[str] = []
+    real_hit = counts.hit
+    counts.hit = lambda route, endpoint, seconds: (
+        answered.append(endpoint),
+        real_hit(route, endpoint, seconds),
+    )
+    client.get("/api/products/7")
+    client.get("/api/products/7/stock")
+    client.get("/api/products?page=3&limit=4")
+    client.get("/api/products?limit=4&page=3")
+    client.get("/api/products/8")  # not cached: Flask
+    client.get("/api/products/7?x=1")  # a query the lane does not read: Flask
+    client.head("/api/products/7")  # not a GET: Flask
+    assert answered == ["product", "stock", "list", "list"]
+
+
+def test_fast_lane_0_leaves_it_out(make_app):
+    assert not isinstance(make_app(fast_lane=False).wsgi_app, FastLane)
+    assert not isinstance(make_app(near_cache_size=0).wsgi_app, FastLane)
+
+
+def test_counters_grow_by_exactly_the_requests_whichever_path_served_them(live_server):
+    server = live_server(WEB_CONCURRENCY="2")
+
+    def total(text: str, pattern: str) -> float:
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    def counted() -> tuple[float, float, float, float]:
+        text = requests.get(server.url("/metrics"), headers={"Connection": "close"}).text
+        durations = total(
+            text,
+            r'flask_http_request_duration_seconds_count\{method="GET",'
+            r'route="/api/products[^"]*",status="200"\} (\S+)',
+        )
+        requests_total = total(text, r'flask_http_request_total\{method="GET",status="200"\} (\S+)')
+        lookups = total(text, r"faststock_cache_requests_total\{[^}]*\} (\S+)")
+        hits = total(text, r'faststock_cache_requests_total\{[^}]*result="HIT"\} (\S+)')
+        return durations, requests_total, lookups, hits
+
+    before = counted()
+    paths = [f"/api/products/{i % 7 + 1}" for i in range(200)]
+    paths += [f"/api/products/{i % 5 + 1}/stock" for i in range(100)]
+    paths += ["/api/products?page=2&limit=5"] * 100
+    with requests.Session() as a, requests.Session() as b:  # two connections: both workers
+        for i, path in enumerate(paths):
+            assert (a if i % 2 else b).get(server.url(path)).status_code == 200
+
+    def grown() -> tuple[float, ...]:
+        return tuple(now - then for now, then in zip(counted(), before, strict=True))
+
+    assert poll(lambda: grown()[:3] == (400.0, 400.0, 400.0), within=5), grown()
+    assert grown()[3] > 300  # most of them were near-cache hits, answered by the lane

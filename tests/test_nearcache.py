@@ -1,0 +1,157 @@
+"""The per-worker near cache: bounded, and never serving an entry older than an answered write,
+on any worker of any host, through Redis trouble included."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from faststock import shared
+from faststock.cache import encode_entry
+from faststock.nearcache import get_near
+from faststock.outbox import SWEEP_SECONDS
+from tests.servers import poll
+
+
+def entry(version: int, stock: int) -> bytes:
+    return encode_entry(version, stock, b'{"stock":%d}' % stock)
+
+
+@pytest.fixture
+def near(make_app):
+    near = get_near(make_app(near_cache_size=3, near_cache_ttl_seconds=1))
+    near.heartbeat()  # subscribed and trusted, as a worker's keeper makes it
+    assert near.usable()
+    yield near
+    near.invalidations.close()
+
+
+def test_an_entry_is_served_until_its_product_changes(near):
+    token = near.begin(5)
+    near.put_product(5, entry(7, 70), token)
+    assert near.product(5) == (b'{"stock":70}', 70)
+    shared.changed(5)  # a writer of this host, after commit, before answering
+    assert near.product(5) is None
+
+
+def test_a_load_that_straddles_a_change_keeps_nothing(near):
+    token = near.begin(6)  # read before Redis...
+    shared.changed(6)  # ...a change commits and is announced...
+    near.put_product(6, entry(1, 10), token)  # ...and the old row arrives
+    assert near.product(6) is None
+
+
+def test_a_flush_drops_loads_in_flight(near):
+    token = near.begin(8)
+    near.flush()
+    near.put_product(8, entry(1, 10), token)
+    assert near.product(8) is None
+
+
+def test_entries_are_bounded_least_recently_used_first(near):
+    for pid in (1, 2, 3):
+        near.put_product(pid, entry(1, pid), near.begin(pid))
+    assert near.product(1) is not None  # 1 is now the most recently used
+    near.put_product(4, entry(1, 4), near.begin(4))
+    assert len(near) == 3
+    assert near.product(2) is None
+    assert all(near.product(pid) is not None for pid in (1, 3, 4))
+
+
+def test_entries_expire(near, monkeypatch):
+    near.put_product(9, entry(1, 9), near.begin(9))
+    later = time.monotonic() + 1.5
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert near.product(9) is None
+
+
+def test_another_hosts_change_arrives_through_redis(near, make_app):
+    other = make_app()  # a second app: its writes reach this near cache only through Redis
+    near.put_product(5, entry(1, 1), near.begin(5))
+    assert other.test_client().post("/api/products/5/update-stock", json={"stock": 55}).json
+    assert poll(lambda: near.usable() and near.product(5) is None, within=2)
+
+
+def test_the_near_cache_stands_aside_when_the_channel_breaks(near, make_app, private_redis):
+    near = get_near(make_app(redis_url=private_redis.url))
+    near.heartbeat()
+    near.put_product(3, entry(1, 3), near.begin(3))
+    assert near.usable() and near.product(3) is not None
+    private_redis.stop()
+    assert not near.usable()  # the next hit finds the subscription closed
+    assert len(near) == 0
+    private_redis.start()
+    assert not near.usable()  # not by itself: only a heartbeat that resubscribes...
+    near.heartbeat()
+    assert near.usable() and len(near) == 0  # ...brings it back, empty
+    near.invalidations.close()
+
+
+def first_hit_per_worker(server, path: str) -> set[str]:
+    """Read `path` on fresh connections until each worker has answered it from its near cache;
+    returns the workers' request-id prefixes (a worker's generated ids share one)."""
+    seen: set[str] = set()
+
+    def every_worker_hit() -> bool:
+        response = requests.get(server.url(path), headers={"Connection": "close"}, timeout=10)
+        if response.headers["X-Cache"] == "HIT":
+            seen.add(response.headers["X-Request-ID"][:16])
+        return len(seen) >= 2
+
+    assert poll(every_worker_hit, within=20, every=0)
+    return seen
+
+
+def test_a_write_is_seen_at_once_by_every_worker_of_the_host(live_server):
+    server = live_server(WEB_CONCURRENCY="2")
+    first_hit_per_worker(server, "/api/products/5")
+    first_hit_per_worker(server, "/api/products/5/stock")
+    write = requests.post(server.url("/api/products/5/update-stock"), json={"stock": 5555})
+    assert write.json() == {"id": 5, "stock": 5555}
+    workers = set()
+    for _ in range(40):
+        response = requests.get(server.url("/api/products/5"), headers={"Connection": "close"})
+        assert response.json()["stock"] == 5555
+        workers.add(response.headers["X-Request-ID"][:16])
+    assert len(workers) == 2
+
+
+def test_a_write_on_another_host_is_seen_there_after_it_answered(live_server):
+    host_a, host_b = live_server(), live_server()  # two masters: no shared memory between them
+    first_hit_per_worker(host_b, "/api/products/6")
+    assert requests.post(host_a.url("/api/products/6/update-stock"), json={"stock": 66}).ok
+    for _ in range(20):
+        response = requests.get(host_b.url("/api/products/6"), headers={"Connection": "close"})
+        assert response.json()["stock"] == 66
+
+
+def test_a_write_on_another_host_during_a_redis_partition_is_seen_within_the_bound(
+    live_server, private_redis
+):
+    """Redis hung: host A's change cannot be announced. Each worker of host B learns of it from
+    the outbox record A left, on its keeper's next sweep (every SWEEP_SECONDS, plus a Redis
+    timeout), and drops its copy; until then a B worker may still answer the old stock."""
+    env = {"REDIS_URL": private_redis.url, "REDIS_TIMEOUT_MS": "100"}
+    host_a, host_b = live_server(**env), live_server(**env)
+    first_hit_per_worker(host_b, "/api/products/7")
+    private_redis.pause()
+    try:
+        assert requests.post(host_a.url("/api/products/7/update-stock"), json={"stock": 77}).ok
+        answered = time.monotonic()
+
+        def b_reads() -> list[int]:
+            return [
+                requests.get(host_b.url("/api/products/7"), headers={"Connection": "close"}).json()[
+                    "stock"
+                ]
+                for _ in range(6)
+            ]
+
+        assert poll(lambda: b_reads() == [77] * 6, within=5)
+        assert time.monotonic() - answered < SWEEP_SECONDS + 0.1 + 1.5  # bound, with a margin
+        for _ in range(5):
+            assert b_reads() == [77] * 6
+    finally:
+        private_redis.resume()
