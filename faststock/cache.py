@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import redis
@@ -91,6 +92,38 @@ local entries = redis.call('MGET', unpack(keys))
 table.insert(entries, 1, page)
 return entries
 """
+
+
+def _original_poll() -> Callable[[], Any]:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+_poll = _original_poll()
+
+
+class _Connection(redis.Connection):
+    """redis-py's TCP connection, with a cheaper check before each command.
+
+    The pool asks every connection it hands out whether unread data waits on it (`can_read(0)`),
+    with `select.poll`, which gevent replaces by an emulation on its event loop costing about 20
+    times the one system call it stands for (measured here: 21.6 µs against 1.2 µs): on a write,
+    more than the rest of the Redis call. When the socket has nothing and nothing is buffered,
+    the answer is no, found with the real poll(2); anything else is left to redis-py.
+    """
+
+    def can_read(self, timeout: float = 0) -> bool:
+        sock = self._sock
+        if timeout == 0 and sock is not None:
+            poller = _poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            reader = getattr(self._parser, "_reader", None)
+            if not poller.poll(0) and reader is not None and not reader.has_data():
+                return False
+        return super().can_read(timeout)
 
 
 def product_key(product_id: int) -> str:
@@ -174,8 +207,10 @@ class Cache:
         """`on_outage` runs when the breaker opens: the keeper (outbox.py) recovers from there."""
         timeout = config.redis_timeout_ms / 1000
         self.ttl_seconds = config.cache_ttl_seconds
+        fast = {"connection_class": _Connection} if config.redis_url.startswith("redis://") else {}
         self.pool = redis.BlockingConnectionPool.from_url(
             config.redis_url,
+            **fast,
             max_connections=1024,  # above worker_connections: a busy worker never queues here
             timeout=timeout,
             socket_timeout=timeout,

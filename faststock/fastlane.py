@@ -8,6 +8,7 @@ miss, an id or query string it does not fully understand, another method or path
 cache standing aside) goes to Flask untouched. It parses ids and pages with the views' own
 parsers, and builds bodies with their own functions, so the two cannot disagree.
 
+It also answers `/healthz` (the same bytes as the health view), which needs nothing from Flask.
 `FAST_LANE=0` leaves it out, for debugging and for A/B benchmarks.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from flask import Flask
 
 from .errors import ApiError
+from .health import HEALTHY
 from .metrics import LaneCounts, get_lane_counts
 from .nearcache import NearCache, get_near
 from .products import list_body, stock_body
@@ -59,6 +61,17 @@ class FastLane:
                 )
                 self.counts.hit(route, endpoint, time.perf_counter() - started)
                 return [body]
+        elif path == "/healthz" and environ["REQUEST_METHOD"] == "GET":
+            # Liveness, polled by every balancer and orchestrator: it needs nothing from Flask.
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(HEALTHY))),
+                    ("X-Request-ID", request_id(environ.get("HTTP_X_REQUEST_ID"))),
+                ],
+            )
+            return [HEALTHY]
         elif path == "/metrics":
             self.counts.flush()  # a scrape of this worker sees everything it answered
         return self.wsgi_app(environ, start_response)
@@ -74,7 +87,7 @@ class FastLane:
                 page, limit = parse_page(*pages)
             except ApiError:
                 return None
-            found = near.page_bodies(page, limit)
+            found = near.page_items(page, limit)
             if found is None:
                 return None
             return list_body(found[0], page, limit, found[1]), LIST_ROUTE, "list"

@@ -64,12 +64,19 @@ class LaneCounts:
         self._bounds = list(self._duration._upper_bounds)
         self._pending: dict[tuple[str, str], list] = {}
         self._lock = threading.Lock()
-        self._pid = 0
+        self._started = False
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """A forked worker counts only its own requests, and flushes them itself."""
+        self._pending = {}
+        self._lock = threading.Lock()
+        self._started = False
 
     def hit(self, route: str, endpoint: str, seconds: float) -> None:
         """Count one 200 GET of `route` answered from the near cache in `seconds`."""
         with self._lock:
-            if self._pid != os.getpid():
+            if not self._started:
                 self._start()
             counts = self._pending.get((route, endpoint))
             if counts is None:
@@ -79,8 +86,7 @@ class LaneCounts:
             counts[2][bisect.bisect_left(self._bounds, seconds)] += 1
 
     def _start(self) -> None:
-        self._pid = os.getpid()
-        self._pending = {}
+        self._started = True
         atexit.register(self.flush)
         threading.Thread(
             target=self._flush_forever, name="faststock-lane-metrics", daemon=True

@@ -11,7 +11,14 @@ import os
 import secrets
 
 MAX_LENGTH = 128
-_state = [0, "", 0]  # pid, prefix, counter: redrawn after fork
+_state = [secrets.token_hex(8), 0]  # prefix, counter: redrawn in every forked child
+
+
+def _new_process() -> None:
+    _state[:] = [secrets.token_hex(8), 0]
+
+
+os.register_at_fork(after_in_child=_new_process)
 
 
 def request_id(incoming: str | None) -> str:
@@ -19,7 +26,5 @@ def request_id(incoming: str | None) -> str:
     if incoming and len(incoming) <= MAX_LENGTH and incoming.isascii() and incoming.isprintable():
         return incoming
     state = _state
-    if state[0] != os.getpid():
-        state[:] = [os.getpid(), secrets.token_hex(8), 0]
-    state[2] += 1
-    return f"{state[1]}{state[2]:016x}"
+    state[1] += 1
+    return f"{state[0]}{state[1]:016x}"

@@ -13,32 +13,28 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import struct
 
 _PAGE = mmap.mmap(-1, mmap.PAGESIZE)
-_DIRTY, _CLEAN = 0, 8
-
-
-def _read(offset: int) -> int:
-    return struct.unpack_from("Q", _PAGE, offset)[0]
+_FLAGS = memoryview(_PAGE).cast("Q")  # aligned 8-byte words: each read or store is one access
+_DIRTY, _CLEAN = 0, 1
 
 
 def mark_dirty() -> None:
     """A cache update failed: every worker bypasses Redis until the outbox is replayed."""
-    struct.pack_into("Q", _PAGE, _DIRTY, _read(_DIRTY) + 1)
+    _FLAGS[_DIRTY] += 1
 
 
 def dirty_mark() -> int:
     """The failure count now; pass it to `mark_clean` after replaying everything pending."""
-    return _read(_DIRTY)
+    return _FLAGS[_DIRTY]
 
 
 def mark_clean(seen: int) -> None:
-    struct.pack_into("Q", _PAGE, _CLEAN, seen)
+    _FLAGS[_CLEAN] = seen
 
 
 def is_dirty() -> bool:
-    return _read(_DIRTY) != _read(_CLEAN)
+    return _FLAGS[_DIRTY] != _FLAGS[_CLEAN]
 
 
 # Change stamps: one 8-byte slot per product id modulo STAMP_SLOTS, in memory every worker of the
@@ -51,7 +47,14 @@ def is_dirty() -> bool:
 STAMP_SLOTS = 1 << 16
 _STAMP_MAP = mmap.mmap(-1, STAMP_SLOTS * 8)
 _STAMPS = memoryview(_STAMP_MAP).cast("Q")
-_process = [0, 0, 0]  # pid, nonce, counter: redrawn in each forked worker
+_process = [secrets.randbits(32), 0]  # nonce, counter: redrawn in every forked child
+
+
+def _new_process() -> None:
+    _process[:] = [secrets.randbits(32), 0]
+
+
+os.register_at_fork(after_in_child=_new_process)
 
 
 def stamp(product_id: int) -> int:
@@ -59,9 +62,12 @@ def stamp(product_id: int) -> int:
     return _STAMPS[product_id % STAMP_SLOTS]
 
 
+def stamps(product_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """The slot values of several products at once (a cached list page checks its items)."""
+    return tuple([_STAMPS[i % STAMP_SLOTS] for i in product_ids])
+
+
 def changed(product_id: int) -> None:
     """A change to the product has committed: no entry loaded before now may be served."""
-    if _process[0] != os.getpid():
-        _process[:] = [os.getpid(), secrets.randbits(32), 0]
-    _process[2] += 1
-    _STAMPS[product_id % STAMP_SLOTS] = (_process[1] << 32 | _process[2] & 0xFFFFFFFF) or 1
+    _process[1] += 1
+    _STAMPS[product_id % STAMP_SLOTS] = (_process[0] << 32 | _process[1] & 0xFFFFFFFF) or 1

@@ -1,24 +1,29 @@
-"""The Python half of scripts/bench: probes of the server under test, and the results report.
+"""The Python half of scripts/bench: the plan of its runs, probes of the server under test, and the
+results report.
 
 It lives in a module rather than in the shell script so that ruff checks it and the tests import
-it. The report is built by pure functions of data already loaded from BENCH_DIR (a `Run` per
-script), so the table, its ratios to the raw reference, the targets and the charts are tested on
-small hand-made k6 summaries, without a server or k6. scripts/bench runs it from the project root
-as `python -m benchkit COMMAND ARG ...`:
+it. The order of the runs (`plan`: rounds of a raw reference run and the script it paces, one
+after the other) and the report are pure functions: the report of data already loaded from
+BENCH_DIR (a `Run` per k6 or pgbench run, gathered into a `Series` per script), so the table, its
+medians and per-round ratios, the targets and the charts are tested on small hand-made k6
+summaries, without a server or k6. scripts/bench runs it from the project root as
+`python -m benchkit COMMAND ARG ...`:
 
     check-config                    the app's settings, refused in one line before anything starts
     wait BASE_URL SECONDS PID       /healthz, then /readyz, answer 200 while gunicorn PID lives
     cache BASE_URL FILE             the read endpoints' cache outcome counters, from /metrics
     healthy BASE_URL PRODUCTS FILE  /healthz and one product read each answer 200 within 2 s
     cache-back BASE_URL SECONDS     20 reads in a row answer without X-Cache: BYPASS
-    raw-of NAME                     the raw reference run NAME is compared with, and its k6 script
+    plan ROUNDS RAW WARMUP NAME ... the runs in order, one a line: KIND ID NAME GROUP ROUND SCRIPT
+                                    (KIND warmup, raw or run; RAW and WARMUP 0 or 1)
     pgbench-script FILE PRODUCTS    pgbench's script: the service's own delta UPDATE (add_stock)
     pgbench-summary LOG FILE        pgbench's output as a summary in k6/lib.js's shape
     meta FILE KEY=VALUE ...         what the run was (mode, settings) and the machine it ran on
-    table DIR [--save DEST README] NAME:RC ...
-                                    one row per script (and scenario, endpoint, phase), notes and
-                                    targets on stdout; results.md, reqs.png and latency.png in DIR
-                                    (and, with --save, copied to DEST and shown in README)
+    table DIR [--save DEST README] ID:RC ...
+                                    one row per script (and scenario, endpoint, phase), medians of
+                                    its rounds, notes and targets on stdout; results.md, reqs.png
+                                    and latency.png in DIR (and, with --save, copied to DEST and
+                                    shown in README)
 """
 
 from __future__ import annotations
@@ -29,23 +34,24 @@ import platform
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # A k6 summary as k6/lib.js writes it under "faststock", or one of its per-scenario parts.
 Summary = Mapping[str, Any]
 Row = list[str]
 
-HEAD = ["script", "VUs", "duration", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms", "p95 ms"]
-HEAD += ["p99 ms", "failed %", "cache hit %", "result"]
+HEAD = ["script", "VUs", "duration", "runs", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms"]
+HEAD += ["p95 ms", "p99 ms", "failed %", "cache hit %", "result"]
 # k6's exit statuses that have a name: 99 is a failed threshold, 124 is timeout(1) killing it.
 RESULTS = {"0": "ok", "99": "THRESHOLDS", "124": "TIMEOUT"}
 CACHE_COUNTER = "faststock_cache_requests_total{"
@@ -55,7 +61,9 @@ CACHE_BACK_STREAK = 20  # every worker's breaker closed, not just the one a read
 # The raw reference run (scripts/rawref.py under the same gunicorn settings and pinning) that each
 # throughput script is compared with, and the k6 script that run sends (with RAW=1): the same load
 # shape (VUs, think time, requests), so that a ratio measures the app and nothing else. Scripts
-# absent here (spike, redis-outage, redis-down) measure resilience, not throughput: no ratio.
+# absent here (spike, redis-outage, redis-down) measure resilience, not throughput: no ratio, and
+# they run once. pgbench is no HTTP load: it has no reference of its own, but runs in rounds too,
+# inside the deltas' rounds when both run (their composed limit needs raw and pgbench of a round).
 RAW = "raw"
 RAW_SCRIPT = {
     RAW: "product",
@@ -63,7 +71,9 @@ RAW_SCRIPT = {
     "raw-seed-pagination": "seed-pagination",
 }
 RAW_OF = dict.fromkeys(["product", "stock", "products", "mixed", "update-stock", "deltas"], RAW)
-RAW_OF |= {"pgbench": RAW, "seed-stock": "raw-seed-stock", "seed-pagination": "raw-seed-pagination"}
+RAW_OF |= {"seed-stock": "raw-seed-stock", "seed-pagination": "raw-seed-pagination"}
+PGBENCH = "pgbench"
+ROUNDED = {*RAW_OF, PGBENCH}
 
 # Issue 9's targets, met in one `scripts/bench --pin compare` run: one worker, 50 VUs without think
 # time for the reads and the deltas (pgbench at as many clients), the seed's pagination scenario as
@@ -74,6 +84,7 @@ SEED_P95_FACTOR, SEED_P95_SLACK_MS = 2.0, 2.0  # ...with p95 at most 2x the refe
 DELTAS_TARGET = 0.5  # of the composed limit 1 / (1/raw + 1/pgbench)
 TARGET_VUS = {"product": 50, "stock": 50, "products": 50, "deltas": 50, "pgbench": 50}
 TARGET_VUS |= {"seed-pagination": 200}
+TARGET_ROUNDS = 3  # scripts/bench's default BENCH_ROUNDS: a median of fewer says less
 SEED_THINK_MS, SEED_PAGES = 50, 10
 
 # The psycopg2 placeholders of a statement: %(name)s, %s, and %% (a literal %).
@@ -84,6 +95,68 @@ PGBENCH_PARAMS = {7_000_000_001: ":id", -7_000_000_002: ":delta"}
 # The block of README.md that `table --save` rewrites with the latest results.
 README_START, README_END = "<!-- bench:latest -->", "<!-- /bench:latest -->"
 CHARTS = ("reqs.png", "latency.png")
+
+
+class Step(NamedTuple):
+    """One step of scripts/bench's plan: a warm-up of GROUP's script, or a measured run (KIND raw:
+    of the raw reference, with k6 script SCRIPT) that leaves BENCH_DIR/ID.json."""
+
+    kind: str  # "warmup", "raw" or "run"
+    id: str  # "-" for a warm-up
+    name: str
+    group: str  # the script whose rounds the run belongs to (its own name, for most)
+    round: int  # 1..ROUNDS; 0 for a script that runs once (and for a warm-up)
+    script: str  # the k6 script it sends ("-" for pgbench)
+
+    def line(self) -> str:
+        return " ".join([self.kind, self.id, self.name, self.group, str(self.round), self.script])
+
+
+def run_id(name: str, group: str, round_: int) -> str:
+    """The stem of a run's files in BENCH_DIR: NAME for a script run once, NAME.ROUND in rounds of
+    its own, NAME.GROUP.ROUND in another's (raw.product.2: the raw run of product's round 2)."""
+    if round_ == 0:
+        return name
+    return f"{name}.{round_}" if name == group else f"{name}.{group}.{round_}"
+
+
+def parse_id(run: str) -> tuple[str, str, int]:
+    """(NAME, GROUP, ROUND) of a run_id: script names have no dots."""
+    parts = run.split(".")
+    if len(parts) == 1:
+        return run, run, 0
+    if len(parts) == 2:
+        return parts[0], parts[0], int(parts[1])
+    return parts[0], parts[1], int(parts[2])
+
+
+def plan(names: Sequence[str], rounds: int, with_raw: bool, warmup: bool = True) -> list[Step]:
+    """The runs of one invocation, in order. A throughput script runs `rounds` times, each right
+    after a run of its raw reference (raw, product, raw, product, ...): on a shared machine the
+    reference's own throughput drifts by tens of per cent within a minute, so each round's ratio
+    takes the reference measured next to it, and the report takes the median of the rounds'.
+    Deltas and pgbench share their rounds (raw, deltas, pgbench, ...) for the composed limit.
+    A warm-up of the script comes before its first round (none for pgbench: it has no cache to
+    fill), so that the first round's raw run stays next to the first measured one. Resilience
+    scripts run once. A name given twice runs once."""
+    wanted = list(dict.fromkeys(names))
+    steps: list[Step] = []
+    for group in wanted:
+        if group == PGBENCH and "deltas" in wanted:
+            continue  # in the deltas' rounds
+        if warmup and group != PGBENCH:
+            steps.append(Step("warmup", "-", group, group, 0, group))
+        if group not in ROUNDED:
+            steps.append(Step("run", group, group, group, 0, group))
+            continue
+        members = [group] + ([PGBENCH] if group == "deltas" and PGBENCH in wanted else [])
+        reference = [RAW_OF[group]] if with_raw and group in RAW_OF else []
+        for r in range(1, rounds + 1):
+            for name in reference + members:
+                kind, script = ("raw", RAW_SCRIPT[name]) if name in RAW_SCRIPT else ("run", name)
+                script = "-" if name == PGBENCH else script
+                steps.append(Step(kind, run_id(name, group, r), name, group, r, script))
+    return steps
 
 
 class BenchError(Exception):
@@ -406,7 +479,9 @@ def describe(meta: Mapping[str, Any], md: bool = False) -> list[str]:
 
 @dataclass(frozen=True)
 class Run:
-    """What one k6 script (or pgbench) left in BENCH_DIR; None (or empty) where it left nothing."""
+    """What one k6 script (or pgbench) run left in BENCH_DIR; None (or empty) where it left
+    nothing. `group` and `round` place it in the plan: the raw run of product's round 2 is
+    Run("raw", ..., group="product", round=2)."""
 
     name: str
     rc: str  # k6's exit status, as text
@@ -415,6 +490,35 @@ class Run:
     before: Mapping[str, float] | None = None  # cache counters before and after the run
     after: Mapping[str, float] | None = None
     events: list[list[str]] = field(default_factory=list)  # ["stopped", "3125"]: Redis, ms after t0
+    group: str = ""  # the script whose rounds it belongs to; "" for its own
+    round: int = 0  # 1..ROUNDS; 0 for a script run once
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.name, self.group or self.name, self.round
+
+
+class Limit(NamedTuple):
+    """One round's composed limit of the deltas, 1 / (1/raw + 1/pgbench), and its two parts."""
+
+    value: float | None
+    raw: float | None
+    pgbench: float | None
+
+
+@dataclass(frozen=True)
+class Series:
+    """Every run of one script in an invocation (its rounds, or its one run), and what the report
+    takes from them: figures as medians over the runs, and each round's ratio to the runs it was
+    measured next to, never to a run of another round (on a noisy machine that is mostly noise)."""
+
+    name: str
+    runs: tuple[Run, ...]
+    summary: Summary | None  # medians over the runs that left a summary; None if none did
+    ratios: tuple[float | None, ...] = ()  # per round: req/s / its round's raw reference's
+    scenario_ratios: Mapping[str, tuple[float | None, ...]] = field(default_factory=dict)
+    limits: tuple[Limit, ...] = ()  # deltas: per round, with raw and pgbench of that round
+    of_limits: tuple[float | None, ...] = ()  # deltas: per round, req/s / its round's limit
 
 
 @dataclass(frozen=True)
@@ -431,6 +535,7 @@ class Target:
 
 
 TARGET_HEAD = ["target", "measured", "needed", "verdict"]
+FIGURES = ("rps", "avg_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
 
 
 def num(x: float | None, digits: int) -> str:
@@ -443,6 +548,25 @@ def ms(x: float | None) -> str:
 
 def times(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the known values (None when there is none): one disturbed round moves it
+    less than it moves a mean."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def spread(ratios: Sequence[float | None]) -> str:
+    """A ratio cell: the median of the rounds' ratios, then each round's in order when there are
+    several ("0.87x (0.85, 0.87, 0.91)"), so that the reader sees how far the rounds agree; "-"
+    when no round has one."""
+    mid = median(ratios)
+    if mid is None:
+        return "-"
+    if len(ratios) < 2:
+        return times(mid)
+    return f"{times(mid)} ({', '.join(num(r, 2) for r in ratios)})"
 
 
 def hit_rate(counts: Mapping[str, float]) -> str:
@@ -467,26 +591,105 @@ def composed_limit(raw_rps: float | None, pgbench_tps: float | None) -> float | 
     return 1 / (1 / raw_rps + 1 / pgbench_tps)
 
 
-def summaries_of(runs: Sequence[Run]) -> dict[str, Summary]:
-    return {run.name: run.summary for run in runs if run.summary is not None}
+def rps(s: Summary | None) -> float | None:
+    return None if s is None else s.get("rps")
 
 
-def raw_ratio(name: str, rps: float | None, summaries: Mapping[str, Summary]) -> str:
-    """The "x raw" cell of a row of run `name`: "ref" for a raw run, "-" where nothing compares
+def merged_figures(parts: Sequence[Summary]) -> dict[str, Any]:
+    """The figures of several runs of one script (or scenario, endpoint): req/s and each latency
+    the median of the runs', the requests all of theirs, the failed rate over all of them (so
+    that one failed request in any round shows)."""
+    out: dict[str, Any] = {key: median(p.get(key) for p in parts) for key in FIGURES}
+    counts = [p.get("requests") or 0 for p in parts]
+    out["requests"] = sum(counts)
+    rated = [(p["failed_rate"], n) for p, n in zip(parts, counts, strict=True)]
+    rated = [(rate, n) for rate, n in rated if rate is not None]
+    total = sum(n for _, n in rated)
+    if not rated:
+        out["failed_rate"] = None
+    elif total:
+        out["failed_rate"] = sum(rate * n for rate, n in rated) / total
+    else:
+        out["failed_rate"] = max(rate for rate, _ in rated)
+    return out
+
+
+def merged(summaries: Sequence[Summary]) -> Summary | None:
+    """One summary for the runs of a script: the first's shape and settings (VUs, duration,
+    think time), merged_figures for it and for each of its scenarios and endpoints. A single
+    run's summary is returned as it is (with its phases, statuses and the like)."""
+    if len(summaries) <= 1:
+        return summaries[0] if summaries else None
+    first = summaries[0]
+    out = {**first, **merged_figures(summaries)}
+    for part in ("scenarios", "endpoints"):
+        with_part = [s for s in summaries if s.get(part)]
+        if first.get(part):
+            out[part] = {
+                key: {
+                    **value,
+                    **merged_figures([s[part][key] for s in with_part if key in s[part]]),
+                }
+                for key, value in first[part].items()
+            }
+    return out
+
+
+def measure(runs: Sequence[Run]) -> dict[str, Series]:
+    """The runs gathered into a Series per script, in the order each script first ran, each
+    round's ratios taken against the runs of the same group and round (the adjacent ones)."""
+    index = {run.key: run.summary for run in runs}
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        by_name.setdefault(run.name, []).append(run)
+
+    def partner(run: Run, name: str) -> Summary | None:
+        """The summary of run `name` in the same round as `run`."""
+        return index.get((name, run.group or run.name, run.round))
+
+    found: dict[str, Series] = {}
+    for name, own in by_name.items():
+        summary = merged([r.summary for r in own if r.summary is not None])
+        ratios: tuple[float | None, ...] = ()
+        scenario_ratios: dict[str, tuple[float | None, ...]] = {}
+        ref_name = RAW_OF.get(name)
+        refs = [rps(partner(r, ref_name)) for r in own] if ref_name else []
+        if any(refs):  # without a reference in any round there is nothing to compare with
+            ratios = tuple(ratio(rps(r.summary), x) for r, x in zip(own, refs, strict=True))
+            for scenario in (summary or {}).get("scenarios", {}):
+                scenario_ratios[scenario] = tuple(
+                    ratio(rps((r.summary or {}).get("scenarios", {}).get(scenario)), x)
+                    for r, x in zip(own, refs, strict=True)
+                )
+        limits: tuple[Limit, ...] = ()
+        of_limits: tuple[float | None, ...] = ()
+        if name == "deltas":
+            parts = [(rps(partner(r, RAW)), rps(partner(r, PGBENCH))) for r in own]
+            limits = tuple(Limit(composed_limit(a, b), a, b) for a, b in parts)
+            if any(limit.value for limit in limits):
+                of_limits = tuple(
+                    ratio(rps(r.summary), limit.value) for r, limit in zip(own, limits, strict=True)
+                )
+            else:
+                limits = ()
+        found[name] = Series(name, tuple(own), summary, ratios, scenario_ratios, limits, of_limits)
+    return found
+
+
+def raw_cell(series: Series) -> str:
+    """The "x raw" cell of a script's row: "ref" for a raw reference, "-" where nothing compares
     (pgbench is no HTTP load; spike and the outage runs have no raw reference)."""
-    if name in RAW_SCRIPT:
-        return "ref"
-    raw = summaries.get(RAW_OF.get(name, "")) if name != "pgbench" else None
-    return "-" if raw is None else times(ratio(rps, raw.get("rps")))
+    return "ref" if series.name in RAW_SCRIPT else spread(series.ratios)
 
 
-def table_row(label: str, s: Summary, hit: str, result: str, x: str = "-") -> Row:
+def table_row(label: str, s: Summary, hit: str, result: str, x: str = "-", runs: str = "1") -> Row:
     failed = None if s.get("failed_rate") is None else 100 * s["failed_rate"]
     latencies = ["avg_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms"]
     return [
         label,
         str(s.get("vus", "-")),
         str(s.get("duration", "-")),
+        runs,
         num(s.get("rps"), 1),
         x,
         *(num(s.get(k), 2) for k in latencies),
@@ -496,37 +699,37 @@ def table_row(label: str, s: Summary, hit: str, result: str, x: str = "-") -> Ro
     ]
 
 
-def run_report(
-    run: Run, summaries: Mapping[str, Summary] | None = None
-) -> tuple[list[Row], list[str], dict[str, float | None]]:
-    """The rows and notes of one run, and its outage p95 by name (nothing unless it has
-    phases): the 2x criterion compares redis-outage's with redis-down's, run apart. `summaries`
-    (every run's, by name) give the "x raw" column its reference."""
-    name, summary, rows, notes = run.name, run.summary, [], []
-    summaries = summaries or {}
-    hit = "-"
-    if run.before is not None and run.after is not None:
-        before = run.before
-        hit = hit_rate({k: v - before.get(k, 0) for k, v in run.after.items()})
-    result = result_of(run.rc)
-    if run.health is not None:
-        healthy = run.health["healthy"]
-        notes.append(
-            f"{name}: healthy after: {'yes' if healthy else 'NO'} ({run.health['detail']})"
-        )
-        if not healthy and run.rc == "0":
-            result = "UNHEALTHY"
+def series_report(series: Series) -> tuple[list[Row], list[str], dict[str, float | None]]:
+    """The rows and notes of one script's runs, and its outage p95 by name (nothing unless it has
+    phases): the 2x criterion compares redis-outage's with redis-down's, run apart."""
+    name, summary, runs = series.name, series.summary, series.runs
+    rows: list[Row] = []
+    notes: list[str] = []
+    counted: dict[str, float] = {}  # the runs' cache outcomes: each run's difference, summed
+    snapshots = [(r.before, r.after) for r in runs if r.before is not None and r.after is not None]
+    for before, after in snapshots:
+        for key, value in after.items():
+            counted[key] = counted.get(key, 0.0) + value - before.get(key, 0)
+    hit = hit_rate(counted) if snapshots else "-"
+    result = result_of(next((r.rc for r in runs if r.rc != "0"), "0"))
+    for run in runs:
+        if run.health is not None:
+            healthy = run.health["healthy"]
+            notes.append(
+                f"{name}: healthy after: {'yes' if healthy else 'NO'} ({run.health['detail']})"
+            )
+            if not healthy and result == "ok":
+                result = "UNHEALTHY"
+    count = str(len(runs))
     if summary is None:  # k6 died before writing it: the row still says how
-        return [[name, *["-"] * (len(HEAD) - 2), result]], notes, {}
-    rows.append(
-        table_row(name, summary, hit, result, raw_ratio(name, summary.get("rps"), summaries))
-    )
+        return [[name, "-", "-", count, *["-"] * (len(HEAD) - 5), result]], notes, {}
+    rows.append(table_row(name, summary, hit, result, raw_cell(series), count))
     for scenario, s in summary.get("scenarios", {}).items():
         whole = {**s, "vus": summary["vus"], "duration": summary["duration"]}
-        x = raw_ratio(name, s.get("rps"), summaries)
-        rows.append(table_row(f"  {name}:{scenario}", whole, "-", "", x))
+        x = spread(series.scenario_ratios.get(scenario, ()))
+        rows.append(table_row(f"  {name}:{scenario}", whole, "-", "", x, count))
     for endpoint, s in summary.get("endpoints", {}).items():
-        rows.append(table_row(f"  {endpoint}", {**s, "vus": "", "duration": ""}, "-", ""))
+        rows.append(table_row(f"  {endpoint}", {**s, "vus": "", "duration": ""}, "-", "", runs=""))
     if summary.get("think_ms") is not None:
         pages = f", pages 1..{summary['pages']}" if summary.get("pages") else ""
         notes.append(f"{name}: {summary['think_ms']:g} ms think time after each answer{pages}")
@@ -534,7 +737,9 @@ def run_report(
     for phase, s in phases.items():
         if s["requests"] or not summary["outage"]["down"]:
             timed = {**s, "vus": summary["vus"], "duration": f"{s['seconds']:.1f}s"}
-            rows.append(table_row(f"  {name}:{phase}", timed, hit_rate(s["x_cache"]), ""))
+            rows.append(
+                table_row(f"  {name}:{phase}", timed, hit_rate(s["x_cache"]), "", runs=count)
+            )
     if "statuses" in summary:
         st = summary["statuses"]
         notes.append(
@@ -548,7 +753,8 @@ def run_report(
     if summary["outage"]["down"]:
         notes.append(f"{name}: p95 {ms(outage_p95)} with Redis down throughout; {failed}")
         return rows, notes, {name: outage_p95}
-    redis = ", ".join(f"{k} at +{int(v) / 1000:.2f} s" for k, v in run.events) or "never stopped"
+    events = runs[-1].events
+    redis = ", ".join(f"{k} at +{int(v) / 1000:.2f} s" for k, v in events) or "never stopped"
     during = " / ".join(f"{p} {ms(phases[p]['p95_ms'])}" for p in ("before", "outage", "after"))
     resumed = summary["hit_resumed_after_s"]
     resumed_text = "none" if resumed is None else f"{resumed:.2f} s"
@@ -560,92 +766,122 @@ def run_report(
     return rows, notes, {name: outage_p95}
 
 
-def report(runs: Sequence[Run]) -> tuple[list[Row], list[str]]:
-    """The table's rows and the notes, in the order the scripts ran."""
+def rounds_of(measured: Mapping[str, Series]) -> int:
+    """How many rounds the scripts that run in rounds had (0: none ran in rounds)."""
+    return max((run.round for s in measured.values() for run in s.runs), default=0)
+
+
+def rounds_note(measured: Mapping[str, Series]) -> str | None:
+    """What the figures of a script run in several rounds are, said once above the other notes."""
+    rounds = rounds_of(measured)
+    if rounds < 2:
+        return None
+    if not any(name in RAW_SCRIPT for name in measured):
+        return (
+            f"{rounds} rounds: each throughput script ran {rounds} times; req/s and latencies "
+            "are medians over its runs, failed % and cache hit % over all of them"
+        )
+    return (
+        f"{rounds} rounds: each compared script ran {rounds} times, each right after a run of its "
+        "raw reference (raw, script, raw, script, ...); req/s and latencies are medians over a "
+        "script's runs, x raw the median of its rounds' ratios to the raw run next to them (each "
+        "round's in brackets, in order), failed % and cache hit % over all its runs"
+    )
+
+
+def deltas_note(deltas: Series) -> str:
+    """The deltas' ratio to the composed limit of each round, and what each limit was made of."""
+    if len(deltas.limits) == 1:
+        limit = deltas.limits[0]
+        return (
+            f"deltas: {num(rps(deltas.summary), 1)} req/s = {spread(deltas.of_limits)} the "
+            f"composed limit {num(limit.value, 1)}/s = 1 / (1/raw {num(limit.raw, 1)} + "
+            f"1/pgbench {num(limit.pgbench, 1)})"
+        )
+
+    def listed(values: Iterable[float | None]) -> str:
+        return ", ".join(num(v, 1) for v in values)
+
+    return (
+        f"deltas: {spread(deltas.of_limits)} the composed limit 1 / (1/raw + 1/pgbench) of its "
+        f"round: {listed(lim.value for lim in deltas.limits)}/s, from raw "
+        f"{listed(lim.raw for lim in deltas.limits)} and pgbench "
+        f"{listed(lim.pgbench for lim in deltas.limits)}"
+    )
+
+
+def report(measured: Mapping[str, Series]) -> tuple[list[Row], list[str]]:
+    """The table's rows and the notes, in the order the scripts first ran."""
     rows: list[Row] = []
     notes: list[str] = []
+    note = rounds_note(measured)
+    if note is not None:
+        notes.append(note)
     p95: dict[str, float | None] = {}
-    summaries = summaries_of(runs)
-    for run in runs:
-        run_rows, run_notes, run_p95 = run_report(run, summaries)
-        rows += run_rows
-        notes += run_notes
-        p95.update(run_p95)
+    for series in measured.values():
+        series_rows, series_notes, series_p95 = series_report(series)
+        rows += series_rows
+        notes += series_notes
+        p95.update(series_p95)
     outage, down = p95.get("redis-outage"), p95.get("redis-down")
     if outage and down:
         notes.append(
             f"outage p95 / redis-down p95 = {outage / down:.2f} (the criterion: at most 2)"
         )
-    raw, deltas, pg = summaries.get(RAW), summaries.get("deltas"), summaries.get("pgbench")
-    if raw and deltas and pg:
-        limit = composed_limit(raw.get("rps"), pg.get("rps"))
-        notes.append(
-            f"deltas: {num(deltas.get('rps'), 1)} req/s = "
-            f"{times(ratio(deltas.get('rps'), limit))} the composed limit {num(limit, 1)}/s "
-            f"= 1 / (1/raw {num(raw.get('rps'), 1)} + 1/pgbench {num(pg.get('rps'), 1)})"
-        )
+    deltas = measured.get("deltas")
+    if deltas is not None and deltas.limits:
+        notes.append(deltas_note(deltas))
     return rows, notes
 
 
-def targets(summaries: Mapping[str, Summary]) -> list[Target]:
-    """Issue 9's targets that this run's scenarios can tell, each measured against its raw
-    reference from the same run; and, if any, that no run failed a request."""
+def targets(measured: Mapping[str, Series]) -> list[Target]:
+    """Issue 9's targets that this run's scripts can tell, each on the median over the rounds of
+    the ratio to the reference run next to it; and, if any, that no run failed a request."""
     found: list[Target] = []
-    raw = summaries.get(RAW)
+
+    def at_least(what: str, ratios: Sequence[float | None], need: float) -> Target:
+        r = median(ratios)
+        return Target(what, spread(ratios), f">= {need:.2f}x", r is not None and r >= need)
+
     for name, need in READ_TARGETS.items():
-        if raw is not None and name in summaries:
-            r = ratio(summaries[name].get("rps"), raw.get("rps"))
-            needed = f">= {need:.2f}x"
-            found.append(
-                Target(f"{name} req/s / raw", times(r), needed, r is not None and r >= need)
-            )
-    seed, ref = summaries.get("seed-pagination"), summaries.get("raw-seed-pagination")
-    if seed is not None and ref is not None:
-        r = ratio(seed.get("rps"), ref.get("rps"))
-        need = SEED_PAGINATION_TARGET
-        found.append(
-            Target(
-                "seed-pagination req/s / raw-seed-pagination",
-                times(r),
-                f">= {need:.2f}x",
-                r is not None and r >= need,
-            )
-        )
-        p95, ref_p95 = seed.get("p95_ms"), ref.get("p95_ms")
+        series = measured.get(name)
+        if series is not None and series.ratios:
+            found.append(at_least(f"{name} req/s / raw", series.ratios, need))
+    seed, ref = measured.get("seed-pagination"), measured.get("raw-seed-pagination")
+    if seed is not None and ref is not None and seed.ratios:
+        what = "seed-pagination req/s / raw-seed-pagination"
+        found.append(at_least(what, seed.ratios, SEED_PAGINATION_TARGET))
+        p95, ref_p95 = (seed.summary or {}).get("p95_ms"), (ref.summary or {}).get("p95_ms")
         bound = None if ref_p95 is None else SEED_P95_FACTOR * ref_p95 + SEED_P95_SLACK_MS
         ok = p95 is not None and bound is not None and p95 <= bound
-        found.append(
-            Target("seed-pagination p95 (2x raw's + 2 ms)", ms(p95), f"<= {ms(bound)}", ok)
-        )
-    deltas, pg = summaries.get("deltas"), summaries.get("pgbench")
-    if raw is not None and deltas is not None and pg is not None:
-        r = ratio(deltas.get("rps"), composed_limit(raw.get("rps"), pg.get("rps")))
-        found.append(
-            Target(
-                "deltas req/s / 1/(1/raw + 1/pgbench)",
-                times(r),
-                f">= {DELTAS_TARGET:.2f}x",
-                r is not None and r >= DELTAS_TARGET,
-            )
-        )
+        what = "seed-pagination p95 (medians; 2x raw's + 2 ms)"
+        found.append(Target(what, ms(p95), f"<= {ms(bound)}", ok))
+    deltas = measured.get("deltas")
+    if deltas is not None and deltas.limits:
+        what = "deltas req/s / 1/(1/raw + 1/pgbench)"
+        found.append(at_least(what, deltas.of_limits, DELTAS_TARGET))
     if found:
         failing = [
-            f"{name} {100 * s['failed_rate']:.2f}%"
-            for name, s in summaries.items()
-            if (s.get("failed_rate") or 0) > 0
+            f"{name} {100 * s.summary['failed_rate']:.2f}%"
+            for name, s in measured.items()
+            if s.summary is not None and (s.summary.get("failed_rate") or 0) > 0
         ]
-        measured = ", ".join(failing) or "none"
-        found.append(Target("failed requests, every run", measured, "none", not failing))
+        measured_text = ", ".join(failing) or "none"
+        found.append(Target("failed requests, every run", measured_text, "none", not failing))
     return found
 
 
-def target_caveats(meta: Mapping[str, Any], summaries: Mapping[str, Summary]) -> list[str]:
+def target_caveats(meta: Mapping[str, Any], measured: Mapping[str, Series]) -> list[str]:
     """How this run differs from the one the targets are stated for (none: it is that run)."""
     caveats = []
     if meta.get("pinned") != "1":
         caveats.append("not pinned (--pin)")
     if meta.get("workers", "1") != "1":
         caveats.append(f"{meta['workers']} workers, not 1")
+    rounds = rounds_of(measured)
+    if rounds < TARGET_ROUNDS:
+        caveats.append(f"{rounds} round{'' if rounds == 1 else 's'}, not {TARGET_ROUNDS}")
+    summaries = {name: s.summary for name, s in measured.items() if s.summary is not None}
     off: dict[tuple[Any, int], list[str]] = {}  # (VUs run, VUs stated): the scripts so run
     for name, vus in TARGET_VUS.items():
         if name in summaries and summaries[name].get("vus") != vus:
@@ -662,7 +898,10 @@ def target_caveats(meta: Mapping[str, Any], summaries: Mapping[str, Summary]) ->
     return caveats
 
 
-TARGETS_TITLE = "targets (issue 9; met in one `scripts/bench --pin compare` run, one worker)"
+TARGETS_TITLE = (
+    "targets (issue 9; met in one `scripts/bench --pin compare` run, one worker; "
+    "medians of its rounds)"
+)
 
 
 def align(head: Sequence[str], rows: Sequence[Row], indent: str = "") -> list[str]:
@@ -738,17 +977,23 @@ def markdown(
 CHART_ALT = {"reqs.png": "req/s per scenario", "latency.png": "p50, p95 and p99 per scenario"}
 
 
-def write_charts(runs: Sequence[tuple[str, Summary]], title: str, out_dir: Path) -> list[Path]:
-    """reqs.png (req/s of each run, with its ratio to its raw reference) and latency.png (p50,
-    p95, p99 of each run, log scale: the raw reference answers in a millisecond, a loaded service
-    in hundreds) in out_dir; a chart with nothing to show is not written."""
+def write_charts(
+    runs: Sequence[tuple[str, Summary]],
+    title: str,
+    out_dir: Path,
+    ratios: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """reqs.png (req/s of each script, labelled with its ratio to its raw reference from
+    `ratios`, "0.87x") and latency.png (p50, p95, p99 of each, log scale: the raw reference
+    answers in a millisecond, a loaded service in hundreds) in out_dir; a chart with nothing to
+    show is not written. The figures are the report's: medians over the rounds."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, whatever MPLBACKEND says
     from matplotlib import pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    summaries = dict(runs)
+    ratios = ratios or {}
     written: list[Path] = []
     measured = [(n, s) for n, s in runs if s.get("rps")]
     if measured:
@@ -762,11 +1007,14 @@ def write_charts(runs: Sequence[tuple[str, Summary]], title: str, out_dir: Path)
         ax.set_yticks(range(len(measured)), [n for n, _ in measured])
         ax.invert_yaxis()
         for i, (name, s) in enumerate(measured):
-            x = raw_ratio(name, s["rps"], summaries)
+            x = ratios.get(name, "-")
             label = f" {s['rps']:,.0f}" + (f" ({x} raw)" if x not in ("-", "ref") else "")
             ax.text(s["rps"], i, label, va="center", fontsize=8)
         ax.set_xlim(0, 1.3 * max(values))
-        ax.set_xlabel("requests/s (pgbench: transactions/s); grey: the raw reference")
+        ax.set_xlabel(
+            "requests/s (pgbench: transactions/s), medians of the rounds; x raw: the median of "
+            "the rounds' ratios; grey: the raw reference"
+        )
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         written.append(out_dir / "reqs.png")
@@ -810,17 +1058,20 @@ def write_results(bench_dir: Path, runs: Sequence[Run], save: tuple[Path, Path] 
     """The text report (returned), and results.md and the charts in bench_dir; with `save`
     (DEST, README), copies of them in DEST and the Markdown in README's block."""
     meta = _load_json(bench_dir / "meta.json") or {}
-    rows, notes = report(runs)
-    summaries = summaries_of(runs)
-    found = targets(summaries)
-    caveats = target_caveats(meta, summaries) if found else []
+    measured = measure(runs)
+    rows, notes = report(measured)
+    found = targets(measured)
+    caveats = target_caveats(meta, measured) if found else []
     header = describe(meta)
     text = render(rows, notes, found, caveats, header)
     for stale in [bench_dir / "results.md"] + [bench_dir / c for c in CHARTS]:
         stale.unlink(missing_ok=True)
     try:
         charts = write_charts(
-            [(r.name, r.summary) for r in runs if r.summary], chart_title(meta), bench_dir
+            [(name, s.summary) for name, s in measured.items() if s.summary],
+            chart_title(meta),
+            bench_dir,
+            {name: times(median(s.ratios)) for name, s in measured.items()},
         )
     except ImportError as exc:  # matplotlib is a dev requirement; the table matters more
         log(f"no charts: {exc}")
@@ -857,20 +1108,24 @@ def _load_json(path: Path) -> Any:
 
 
 def load_run(bench_dir: Path, item: str) -> Run:
-    """The Run of NAME:RC from the files scripts/bench and k6 left in `bench_dir`."""
-    name, rc = item.rsplit(":", 1)
+    """The Run of ID:RC (ID as run_id makes it) from the files scripts/bench and k6 left in
+    `bench_dir`."""
+    stem, rc = item.rsplit(":", 1)
+    name, group, round_ = parse_id(stem)
     try:  # stopped=MS, started=MS after k6 was started
-        events = [line.split("=") for line in (bench_dir / f"{name}.events").read_text().split()]
+        events = [line.split("=") for line in (bench_dir / f"{stem}.events").read_text().split()]
     except OSError:
         events = []
     return Run(
         name=name,
         rc=rc,
-        summary=(_load_json(bench_dir / f"{name}.json") or {}).get("faststock"),
-        health=_load_json(bench_dir / f"{name}.health"),
-        before=_load_json(bench_dir / f"{name}.before.cache"),
-        after=_load_json(bench_dir / f"{name}.after.cache"),
+        summary=(_load_json(bench_dir / f"{stem}.json") or {}).get("faststock"),
+        health=_load_json(bench_dir / f"{stem}.health"),
+        before=_load_json(bench_dir / f"{stem}.before.cache"),
+        after=_load_json(bench_dir / f"{stem}.after.cache"),
         events=events,
+        group=group,
+        round=round_,
     )
 
 
@@ -890,10 +1145,10 @@ def main(argv: Sequence[str]) -> int:
             return 0 if check_health(args[0], int(args[1]), Path(args[2])) else 1
         elif cmd == "cache-back":
             wait_cache_back(args[0], float(args[1]))
-        elif cmd == "raw-of":
-            raw = RAW_OF.get(args[0])
-            if raw is not None:
-                print(raw, RAW_SCRIPT[raw])
+        elif cmd == "plan":
+            rounds, with_raw, warmup, names = int(args[0]), args[1] == "1", args[2] == "1", args[3:]
+            for step in plan(names, rounds, with_raw, warmup):
+                print(step.line())
         elif cmd == "pgbench-script":
             Path(args[0]).write_text(pgbench_script(int(args[1])))
         elif cmd == "pgbench-summary":

@@ -2,17 +2,21 @@
 
 The end-to-end runs are tiny (a few VUs for a few seconds on 200 products) and use a BENCH_DIR of
 their own, so they neither measure anything nor disturb a benchmark someone runs at the same time;
-they check that the table (with its ratios to the raw reference, and the targets), the Markdown
-and the charts come out, and that everything scripts/bench started is gone afterwards.
+they check that the runs happen in the planned order (rounds of raw reference and script, one
+after the other), that the table (with its medians and per-round ratios to the raw reference, and
+the targets), the Markdown and the charts come out, and that everything scripts/bench started is
+gone afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -21,8 +25,8 @@ from tests.servers import BIN, ROOT
 
 BENCH = ROOT / "scripts" / "bench"
 K6_SCRIPTS = sorted(p for p in (ROOT / "k6").glob("*.js") if p.name != "lib.js")  # lib: imported
-COLUMNS = ["script", "VUs", "duration", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms", "p95 ms"]
-COLUMNS += ["p99 ms", "failed %", "cache hit %", "result"]
+COLUMNS = ["script", "VUs", "duration", "runs", "req/s", "x raw", "avg ms", "p50 ms", "p90 ms"]
+COLUMNS += ["p95 ms", "p99 ms", "failed %", "cache hit %", "result"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,13 +134,14 @@ def run_bench(args: list[str], env: dict[str, str], timeout: float) -> subproces
 
 
 def table_rows(stdout: str) -> dict[str, dict[str, str]]:
-    """The table's rows by script name: from its header to the first blank line (the notes)."""
+    """The table's rows by script name: from its header to the first blank line (the notes).
+    Columns are at least two spaces apart; a cell ("0.87x (0.85, 0.91)") has single ones."""
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["script", "VUs"])
     end = next((i for i in range(header, len(lines)) if not lines[i].strip()), len(lines))
     rows = {}
     for line in lines[header + 1 : end]:
-        cells = line.split()
+        cells = re.split(r"\s{2,}", line.strip())
         if len(cells) == len(COLUMNS) - 1:  # a scenario's or phase's row: no result of its own
             cells.append("")
         if len(cells) == len(COLUMNS):
@@ -168,8 +173,22 @@ def bench_env(bench_dir: Path, **settings: str) -> dict[str, str]:
     return {**env, **settings}
 
 
-def summary_of(bench_dir: Path, name: str) -> dict:
-    return json.loads((bench_dir / f"{name}.json").read_text())["faststock"]
+def summary_of(bench_dir: Path, run_id: str) -> dict:
+    return json.loads((bench_dir / f"{run_id}.json").read_text())["faststock"]
+
+
+def ratios(cell: str) -> tuple[float, list[float]]:
+    """An "x raw" cell, "0.87x (0.85, 0.91)": the median and each round's ratio."""
+    match = re.fullmatch(r"([\d.]+)x(?: \(([\d., ]+)\))?", cell)
+    assert match, cell
+    rounds = [float(x) for x in match.group(2).split(", ")] if match.group(2) else []
+    return float(match.group(1)), rounds
+
+
+def runs_in_order(bench_dir: Path) -> list[tuple[str, int, int, str]]:
+    """BENCH_DIR/runs.tsv: each measured run's id, start and end (ms) and exit status, in order."""
+    lines = (bench_dir / "runs.tsv").read_text().splitlines()
+    return [(i, int(start), int(end), rc) for i, start, end, rc in (x.split("\t") for x in lines)]
 
 
 def assert_all_stopped(bench_dir: Path) -> None:
@@ -192,7 +211,7 @@ def assert_all_stopped(bench_dir: Path) -> None:
 
 def test_bench_product_end_to_end(tmp_path):
     bench_dir = tmp_path / "bench"
-    env = bench_env(bench_dir, VUS="5", DURATION="2s")
+    env = bench_env(bench_dir, VUS="5", DURATION="2s", BENCH_ROUNDS="1")
 
     result = run_bench(["product"], env, timeout=240)
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -206,6 +225,7 @@ def test_bench_product_end_to_end(tmp_path):
     # Its raw reference ran first, in the same shape, and the row is a ratio to it.
     assert list(rows) == ["raw", "product"], output
     assert rows["raw"]["x raw"] == "ref" and rows["raw"]["VUs"] == "5", output
+    assert row["runs"] == rows["raw"]["runs"] == "1", output
     ratio = float(row["req/s"]) / float(rows["raw"]["req/s"])
     assert abs(float(row["x raw"].rstrip("x")) - ratio) <= 0.01, output
     assert float(row["failed %"]) == 0, output
@@ -213,8 +233,9 @@ def test_bench_product_end_to_end(tmp_path):
     assert row["result"] == "ok", output
     assert 0 <= float(row["cache hit %"]) <= 100, output
 
-    summary = summary_of(bench_dir, "product")
+    summary = summary_of(bench_dir, "product.1")
     assert summary["requests"] > 0 and summary["thresholds_ok"] is True
+    assert [r[0] for r in runs_in_order(bench_dir)] == ["raw.product.1", "product.1"]
     assert (bench_dir / "results.txt").read_text() == result.stdout
     assert_all_stopped(bench_dir)
 
@@ -266,34 +287,79 @@ def test_bench_spike_end_to_end(tmp_path):
     assert_all_stopped(bench_dir)
 
 
-def test_bench_pinned_compare_end_to_end(tmp_path):
-    """`scripts/bench --pin --save compare`, tiny: every scenario after its raw reference, pgbench,
-    the targets, the Markdown and the charts, copied where --save says, and the run labelled."""
+def test_bench_pinned_rounds_end_to_end(tmp_path):
+    """`BENCH_ROUNDS=2 scripts/bench --pin --save` on one script of each kind compare pairs
+    (product with raw, deltas with raw and pgbench, the seed's pagination with its own reference),
+    tiny: the runs alternate reference and script round by round, one after the other; the table
+    shows medians and each round's ratio; the targets, the Markdown and the charts come out,
+    copied where --save says, and the run is labelled. (The whole compare is checked by
+    --dry-run below: run for real, its 26 runs would take the suite most of a minute.)"""
     bench_dir, docs = tmp_path / "bench", tmp_path / "docs" / "bench"
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench:latest -->\nnone yet\n<!-- /bench:latest -->\n")
-    settings = {"VUS": "3", "SEED_STOCK_VUS": "3", "SEED_PAGINATION_VUS": "3", "DURATION": "1s"}
+    settings = {"VUS": "3", "SEED_PAGINATION_VUS": "3", "DURATION": "1s", "BENCH_ROUNDS": "2"}
     settings |= {"FAST_LANE": "0", "BENCH_LABEL": "e2e", "BENCH_SAVE_DIR": str(docs)}
     settings |= {"BENCH_README": str(readme)}
-    result = run_bench(["--pin", "--save", "compare"], bench_env(bench_dir, **settings), 240)
+    args = ["--pin", "--save", "product", "deltas", "pgbench", "seed-pagination"]
+    result = run_bench(args, bench_env(bench_dir, **settings), 240)
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, output
 
+    runs = runs_in_order(bench_dir)
+    assert [run[0] for run in runs] == [
+        "raw.product.1",
+        "product.1",
+        "raw.product.2",
+        "product.2",
+        "raw.deltas.1",
+        "deltas.1",
+        "pgbench.deltas.1",
+        "raw.deltas.2",
+        "deltas.2",
+        "pgbench.deltas.2",
+        "raw-seed-pagination.seed-pagination.1",
+        "seed-pagination.1",
+        "raw-seed-pagination.seed-pagination.2",
+        "seed-pagination.2",
+    ], output
+    assert all(rc == "0" for *_, rc in runs), runs
+    for before, after in pairwise(runs):  # one after the other, never overlapping
+        assert before[1] < before[2] <= after[1], (before, after)
+
     rows = table_rows(result.stdout)
-    order = ["raw", "product", "stock", "products", "deltas", "pgbench", "raw-seed-stock"]
-    order += ["seed-stock", "raw-seed-pagination", "seed-pagination"]
+    order = ["raw", "product", "deltas", "pgbench", "raw-seed-pagination", "seed-pagination"]
     assert list(rows) == order, output
     assert all(row["result"] == "ok" and row["VUs"] == "3" for row in rows.values()), output
-    assert [rows[n]["x raw"] for n in order if n.startswith("raw")] == ["ref"] * 3, output
-    for name in ("product", "stock", "products", "deltas", "seed-stock", "seed-pagination"):
-        assert float(rows[name]["x raw"].rstrip("x")) > 0, output
+    assert {n: rows[n]["runs"] for n in order} == {
+        "raw": "4",  # product's and the deltas' rounds
+        "product": "2",
+        "deltas": "2",
+        "pgbench": "2",
+        "raw-seed-pagination": "2",
+        "seed-pagination": "2",
+    }, output
+    assert rows["raw"]["x raw"] == rows["raw-seed-pagination"]["x raw"] == "ref", output
+    for name in ("product", "deltas", "seed-pagination"):
+        median, each = ratios(rows[name]["x raw"])
+        assert len(each) == 2 and median == pytest.approx(sum(each) / 2, abs=0.01), output
+        # Each round's ratio is to the reference run right before it.
+        for r, x in enumerate(each, 1):
+            ref = "raw" if name != "seed-pagination" else "raw-seed-pagination"
+            rps = summary_of(bench_dir, f"{name}.{r}")["rps"]
+            assert x == pytest.approx(
+                rps / summary_of(bench_dir, f"{ref}.{name}.{r}")["rps"], abs=0.01
+            )
+        # req/s is the median of its two rounds'.
+        both = [summary_of(bench_dir, f"{name}.{r}")["rps"] for r in (1, 2)]
+        assert float(rows[name]["req/s"]) == pytest.approx(sum(both) / 2, abs=0.1), output
     assert float(rows["pgbench"]["req/s"]) > 0 and rows["pgbench"]["failed %"] == "0.00", output
-    assert "the composed limit" in result.stdout, output
+    assert "composed limit 1 / (1/raw + 1/pgbench) of its round" in result.stdout, output
+    assert "2 rounds: each compared script ran 2 times" in result.stdout, output
 
     targets = result.stdout.split("targets (issue 9", 1)[1].splitlines()[2:]
     verdicts = [line.split()[-1] for line in targets if line.split()[-1] in ("PASS", "FAIL")]
-    assert len(verdicts) == 7, output
-    assert "product, stock, products, deltas, pgbench at 3 VUs, not 50" in targets[-1], output
+    assert len(verdicts) == 5, output
+    assert "2 rounds, not 3; product, deltas, pgbench at 3 VUs, not 50" in targets[-1], output
 
     meta = json.loads((bench_dir / "meta.json").read_text())
     assert (meta["pinned"], meta["server_cpus"], meta["client_cpus"]) == ("1", "1", "0"), meta
@@ -301,9 +367,8 @@ def test_bench_pinned_compare_end_to_end(tmp_path):
     assert meta["settings"] == {"WEB_CONCURRENCY": "1", "FAST_LANE": "0"}, meta
     markdown = (bench_dir / "results.md").read_text()
     assert "settings: WEB_CONCURRENCY=1, FAST_LANE=0; 200 products; label: e2e" in markdown
-    assert (
-        "| seed-pagination | 3 | 1s |" in markdown and "![req/s per scenario](reqs.png)" in markdown
-    )
+    assert "| seed-pagination | 3 | 1s | 2 |" in markdown, markdown
+    assert "![req/s per scenario](reqs.png)" in markdown
     for name in ("reqs.png", "latency.png"):
         assert (bench_dir / name).read_bytes()[:8] == PNG
         assert (docs / name).read_bytes() == (bench_dir / name).read_bytes()
@@ -313,12 +378,42 @@ def test_bench_pinned_compare_end_to_end(tmp_path):
     assert_all_stopped(bench_dir)
 
 
+def test_bench_dry_run_prints_compares_rounds_and_starts_nothing(tmp_path):
+    """Issue 9's whole comparison, planned: each script in rounds with its reference, pgbench in
+    the deltas' rounds, each warm-up before its script's first raw run."""
+    env = bench_env(tmp_path / "bench", BENCH_ROUNDS="2", BENCH_WARMUP="3s")
+    result = run_bench(["--dry-run", "--pin", "compare"], env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split(":", 1)[0] for line in result.stdout.splitlines()]
+    expected = []
+    for name, ref in [("product", "raw"), ("stock", "raw"), ("products", "raw")]:
+        expected += [name, f"{ref}.{name}.1", f"{name}.1", f"{ref}.{name}.2", f"{name}.2"]
+    expected += ["deltas", "raw.deltas.1", "deltas.1", "pgbench.deltas.1"]
+    expected += ["raw.deltas.2", "deltas.2", "pgbench.deltas.2"]
+    for name in ("seed-stock", "seed-pagination"):
+        ref = f"raw-{name}.{name}"
+        expected += [name, f"{ref}.1", f"{name}.1", f"{ref}.2", f"{name}.2"]
+    assert steps == expected, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0] == "product: warm-up, 3s of product.js (discarded)"
+    assert lines[1] == (
+        "raw.product.1: the raw reference for product, round 1 of 2, 50 VUs for 30s of product.js "
+        "(RAW=1)"
+    )
+    assert (
+        "raw-seed-stock.seed-stock.2: the raw reference for seed-stock, round 2 of 2, 300 VUs"
+        in (result.stdout)
+    )
+    assert not (tmp_path / "bench").exists()  # no lock, no server
+
+
 @pytest.mark.parametrize(
     ("args", "settings", "message"),
     [
         (["--bogus"], {}, "unknown option '--bogus'"),
         (["pgbench"], {"DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}, "DATABASE_URL"),
         (["product"], {"BENCH_RAW": "yes"}, "BENCH_RAW must be 0 or 1"),
+        (["product"], {"BENCH_ROUNDS": "0"}, "BENCH_ROUNDS must be a positive whole number"),
         (["--pin", "product"], {"PIN_SERVER_CPU": "4096"}, "cannot run on CPU 4096"),
     ],
 )

@@ -1,19 +1,22 @@
-"""scripts/benchkit.py's report and parsers, on small hand-made k6 summaries: no server, no k6.
+"""scripts/benchkit.py's plan, report and parsers on small hand-made k6 summaries: no server, no k6.
 
 The summaries have the shape k6/lib.js writes under "faststock" (with the extra fields of
-k6/spike.js, k6/redis-outage.js and the seed scenarios where a test needs them). scripts/bench's
-own end-to-end runs are in test_bench.py.
+k6/spike.js, k6/redis-outage.js and the seed scenarios where a test needs them); runs in rounds
+are built as the plan orders them (`interleaved`). scripts/bench's own end-to-end runs are in
+test_bench.py.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import pytest
 
 import benchkit
 import rawref
-from benchkit import Run, render, report, run_report, targets
+from benchkit import Run, Step, measure, render, report, series_report, targets
 from faststock.config import Config
 
 
@@ -57,6 +60,24 @@ def rows_by_label(rows):
     return {row[0]: dict(zip(benchkit.HEAD, row, strict=True)) for row in rows}
 
 
+def run_report(run):
+    """The rows, notes and outage p95 of a script run once."""
+    return series_report(measure([run])[run.name])
+
+
+def interleaved(group, *scripts):
+    """The runs of `group`'s rounds in the order the plan runs them: scripts are (NAME, FIGURES),
+    FIGURES one per round, each a summary or a req/s (at() of it); round i runs the i-th of each
+    script, in the order given (the reference first)."""
+    rounds = len(scripts[0][1])
+    return [
+        Run(name, "0", f if isinstance(f, dict) else at(f), group=group, round=r + 1)
+        for r in range(rounds)
+        for name, figures_ in scripts
+        for f in [figures_[r]]
+    ]
+
+
 def test_cache_counts_sums_outcomes_over_routes_and_ignores_other_series():
     metrics = "\n".join(
         [
@@ -89,8 +110,8 @@ def test_result_names_k6_exit_statuses(rc, result):
 def test_row_of_a_script():
     rows, notes, p95 = run_report(Run("product", "0", summary(), before={}, after={"HIT": 4.0}))
     assert len(rows) == 1 and len(rows[0]) == len(benchkit.HEAD)
-    assert rows[0][:7] == ["product", "5", "3s", "100.0", "-", "1.23", "1.50"]
-    assert rows[0][7:] == ["2.00", "3.46", "9.00", "0.50", "100.0", "ok"]
+    assert rows[0][:8] == ["product", "5", "3s", "1", "100.0", "-", "1.23", "1.50"]
+    assert rows[0][8:] == ["2.00", "3.46", "9.00", "0.50", "100.0", "ok"]
     assert notes == [] and p95 == {}
 
 
@@ -116,7 +137,7 @@ def test_hit_rate_is_of_the_run_alone():
 
 def test_a_run_without_a_summary_still_has_its_row():
     rows, notes, _ = run_report(Run("stock", "124"))
-    assert rows == [["stock", *["-"] * 11, "TIMEOUT"]] and notes == []
+    assert rows == [["stock", "-", "-", "1", *["-"] * 9, "TIMEOUT"]] and notes == []
 
 
 def test_scenarios_and_endpoints_get_rows_of_their_own():
@@ -133,9 +154,9 @@ def test_scenarios_and_endpoints_get_rows_of_their_own():
     ]
     hot = rows["  update-stock:hot"]
     assert (hot["VUs"], hot["duration"], hot["req/s"], hot["failed %"]) == ("5", "3s", "60.0", "-")
-    assert hot["result"] == "" and hot["cache hit %"] == "-"
+    assert hot["result"] == "" and hot["cache hit %"] == "-" and hot["runs"] == "1"
     endpoint = rows["  POST /api/products/:id/update-stock"]
-    assert (endpoint["VUs"], endpoint["duration"]) == ("", "")
+    assert (endpoint["VUs"], endpoint["duration"], endpoint["runs"]) == ("", "", "")
 
 
 def test_spike_notes_its_answers_and_health():
@@ -194,25 +215,25 @@ def test_redis_down_hides_its_empty_phases():
 def test_the_outage_ratio_needs_both_runs():
     down = Run("redis-down", "0", outage_summary(down=True, outage_p95=4.0))
     outage = Run("redis-outage", "0", outage_summary(outage_p95=6.0))
-    notes = report([down, outage])[1]
+    notes = report(measure([down, outage]))[1]
     assert notes[-1] == "outage p95 / redis-down p95 = 1.50 (the criterion: at most 2)"
-    assert not any("criterion" in note for note in report([outage])[1])
+    assert not any("criterion" in note for note in report(measure([outage]))[1])
 
 
 def test_render_aligns_names_left_and_figures_right():
     rows = [
-        ["product", "5", "3s", "100.0", "0.50x", "1.23", "1.50", "2.00", "3.46", "9.00"],
-        ["  GET /x", "", "", "1.0", "-", "1.00", "1.00", "1.00", "1.00", "1.00"],
+        ["product", "5", "3s", "2", "100.0", "0.50x (0.40, 0.60)", "1.23", "1.50", "2.00", "3.46"],
+        ["  GET /x", "", "", "", "1.0", "-", "1.00", "1.00", "1.00", "1.00"],
     ]
-    rows[0] += ["0.50", "90.0", "ok"]
-    rows[1] += ["0.00", "-", ""]
+    rows[0] += ["9.00", "0.50", "90.0", "ok"]
+    rows[1] += ["1.00", "0.00", "-", ""]
     assert render(rows, []).splitlines() == [
-        "script    VUs  duration  req/s  x raw  avg ms  p50 ms  p90 ms  p95 ms  p99 ms  "
-        "failed %  cache hit %  result",
-        "product     5        3s  100.0  0.50x    1.23    1.50    2.00    3.46    9.00  "
-        "    0.50         90.0      ok",
-        "  GET /x                   1.0      -    1.00    1.00    1.00    1.00    1.00  "
-        "    0.00            -",  # the trailing blanks of the empty result cell are stripped
+        "script    VUs  duration  runs  req/s               x raw  avg ms  p50 ms  p90 ms  "
+        "p95 ms  p99 ms  failed %  cache hit %  result",
+        "product     5        3s     2  100.0  0.50x (0.40, 0.60)    1.23    1.50    2.00  "
+        "  3.46    9.00      0.50         90.0      ok",
+        "  GET /x                         1.0                   -    1.00    1.00    1.00  "
+        "  1.00    1.00      0.00            -",  # the empty result cell's blanks are stripped
     ]
     assert render(rows, ["a note"]).endswith("            -\n\na note\n")
 
@@ -229,7 +250,7 @@ def test_table_reads_what_a_run_left_in_bench_dir(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["product"][-2:] == ["50.0", "ok"]
-    assert rows["stock"] == ["stock", *["-"] * 11, "ERROR(1)"]
+    assert rows["stock"] == ["stock", "-", "-", "1", *["-"] * 9, "ERROR(1)"]
     assert "Redis stopped at +1.03 s, started at +2.02 s" in out
     assert (tmp_path / "results.md").read_text().count("| product | 5 | 3s |") == 1
 
@@ -257,12 +278,7 @@ def test_check_config_accepts_the_defaults(monkeypatch):
     assert benchkit.main(["check-config"]) == 0
 
 
-# ---- the raw reference, ratios and targets ----
-
-
-def at(rps, **extra):
-    """A run's summary at `rps` req/s (50 VUs, as the targets are stated; no failed request)."""
-    return summary(**{"rps": rps, "vus": 50, "failed_rate": 0.0, **extra})
+# ---- the plan: rounds of each script next to its raw reference ----
 
 
 def test_rawref_answers_a_constant_62_byte_json_body():
@@ -275,49 +291,211 @@ def test_rawref_answers_a_constant_62_byte_json_body():
     assert dict(headers) == {"Content-Type": "application/json", "Content-Length": "62"}
 
 
+def ids(steps):
+    return [s.id for s in steps if s.kind != "warmup"]
+
+
+def test_plan_alternates_each_script_with_its_raw_reference_round_by_round():
+    steps = benchkit.plan(["product", "seed-stock"], 3, with_raw=True)
+    assert steps[:3] == [
+        Step("warmup", "-", "product", "product", 0, "product"),
+        Step("raw", "raw.product.1", "raw", "product", 1, "product"),
+        Step("run", "product.1", "product", "product", 1, "product"),
+    ]
+    assert ids(steps) == [
+        "raw.product.1",
+        "product.1",
+        "raw.product.2",
+        "product.2",
+        "raw.product.3",
+        "product.3",
+        "raw-seed-stock.seed-stock.1",
+        "seed-stock.1",
+        "raw-seed-stock.seed-stock.2",
+        "seed-stock.2",
+        "raw-seed-stock.seed-stock.3",
+        "seed-stock.3",
+    ]
+    # Each script's warm-up comes once, before its first raw run: that run stays next to round 1.
+    warmups = [i for i, s in enumerate(steps) if s.kind == "warmup"]
+    assert warmups == [0, 7] and steps[8].id == "raw-seed-stock.seed-stock.1"
+    assert {s.script for s in steps if s.name == "raw-seed-stock"} == {"seed-stock"}
+
+
+def test_plan_runs_pgbench_in_the_deltas_rounds_for_their_composed_limit():
+    steps = benchkit.plan(["pgbench", "deltas"], 2, with_raw=True)
+    assert ids(steps) == [
+        "raw.deltas.1",
+        "deltas.1",
+        "pgbench.deltas.1",
+        "raw.deltas.2",
+        "deltas.2",
+        "pgbench.deltas.2",
+    ]
+    assert [s.script for s in steps if s.name == "pgbench"] == ["-", "-"]
+    assert [s.name for s in steps if s.kind == "warmup"] == ["deltas"]
+    alone = benchkit.plan(["pgbench"], 2, with_raw=True)  # no deltas: no limit, no reference
+    assert [(s.kind, s.id) for s in alone] == [("run", "pgbench.1"), ("run", "pgbench.2")]
+
+
+def test_plan_runs_resilience_scripts_once_and_each_name_once():
+    steps = benchkit.plan(["spike", "product", "redis-outage", "product"], 2, with_raw=True)
+    assert ids(steps) == [
+        "spike",
+        "raw.product.1",
+        "product.1",
+        "raw.product.2",
+        "product.2",
+        "redis-outage",
+    ]
+    assert steps[1] == Step("run", "spike", "spike", "spike", 0, "spike")
+
+
+def test_plan_without_raw_or_warmup():
+    steps = benchkit.plan(["seed-pagination"], 2, with_raw=False, warmup=False)
+    assert [(s.kind, s.id) for s in steps] == [
+        ("run", "seed-pagination.1"),
+        ("run", "seed-pagination.2"),
+    ]
+
+
+def test_plan_command_prints_one_step_a_line(capsys):
+    assert benchkit.main(["plan", "2", "1", "0", "deltas", "pgbench"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "raw raw.deltas.1 raw deltas 1 product",
+        "run deltas.1 deltas deltas 1 deltas",
+        "run pgbench.deltas.1 pgbench deltas 1 -",
+        "raw raw.deltas.2 raw deltas 2 product",
+        "run deltas.2 deltas deltas 2 deltas",
+        "run pgbench.deltas.2 pgbench deltas 2 -",
+    ]
+
+
 @pytest.mark.parametrize(
-    ("name", "printed"),
+    ("key", "run_id"),
     [
-        ("product", "raw product\n"),
-        ("deltas", "raw product\n"),
-        ("pgbench", "raw product\n"),  # the composed limit needs raw
-        ("seed-stock", "raw-seed-stock seed-stock\n"),
-        ("seed-pagination", "raw-seed-pagination seed-pagination\n"),
-        ("spike", ""),  # resilience, not throughput: no reference
-        ("redis-outage", ""),
+        (("spike", "spike", 0), "spike"),
+        (("product", "product", 2), "product.2"),
+        (("raw", "product", 3), "raw.product.3"),
+        (("raw-seed-stock", "seed-stock", 1), "raw-seed-stock.seed-stock.1"),
     ],
 )
-def test_raw_of_names_each_scripts_reference_and_its_k6_script(capsys, name, printed):
-    assert benchkit.main(["raw-of", name]) == 0
-    assert capsys.readouterr().out == printed
+def test_run_ids_name_the_script_its_group_and_round(key, run_id):
+    assert benchkit.run_id(*key) == run_id
+    assert benchkit.parse_id(run_id) == key
+
+
+# ---- medians and ratios over rounds, and targets ----
+
+
+def at(rps, **extra):
+    """A run's summary at `rps` req/s (50 VUs, as the targets are stated; no failed request)."""
+    return summary(**{"rps": rps, "vus": 50, "failed_rate": 0.0, **extra})
+
+
+def test_each_round_is_compared_with_the_raw_run_next_to_it_and_the_median_taken():
+    """The reference drifts from round to round (1000, 4000, 2000 req/s): round i's ratio is
+    to round i's reference, not to a median (or first) reference."""
+    runs = interleaved("product", ("raw", [1000.0, 4000.0, 2000.0]), ("product", [900, 3000, 1000]))
+    measured = measure(runs)
+    assert measured["product"].ratios == (0.9, 0.75, 0.5)
+    rows = rows_by_label(report(measured)[0])
+    assert rows["product"]["x raw"] == "0.75x (0.90, 0.75, 0.50)"
+    assert (rows["product"]["req/s"], rows["product"]["runs"]) == ("1000.0", "3")
+    # Not the ratio of the medians: 1000 / 2000.
+    assert (rows["raw"]["req/s"], rows["raw"]["x raw"], rows["raw"]["runs"]) == (
+        "2000.0",
+        "ref",
+        "3",
+    )
+
+
+def test_a_round_without_its_reference_has_no_ratio_and_the_median_is_of_the_others():
+    runs = interleaved("product", ("raw", [1000.0, 1000.0, 1000.0]), ("product", [800, 900, 700]))
+    del runs[2]  # round 2's raw run left nothing
+    assert measure(runs)["product"].ratios == (0.8, None, 0.7)
+    assert rows_by_label(report(measure(runs))[0])["product"]["x raw"] == "0.75x (0.80, -, 0.70)"
+
+
+def test_rows_show_medians_of_the_rounds_latencies_and_failures_over_all():
+    fast = figures(rps=900.0, p50_ms=1.0, p95_ms=2.0, p99_ms=30.0, requests=100, failed_rate=0.0)
+    slow = figures(rps=500.0, p50_ms=9.0, p95_ms=90.0, p99_ms=99.0, requests=300, failed_rate=0.01)
+    mid = figures(rps=700.0, p50_ms=5.0, p95_ms=50.0, p99_ms=3.0, requests=100, failed_rate=0.0)
+    runs = [
+        Run("product", "0", {**summary(), **s}, group="product", round=r)
+        for r, s in enumerate([fast, slow, mid], 1)
+    ]
+    row = rows_by_label(report(measure(runs))[0])["product"]
+    assert (row["req/s"], row["p50 ms"], row["p95 ms"], row["p99 ms"]) == (
+        "700.0",
+        "5.00",
+        "50.00",
+        "30.00",  # each figure's own median, not the median run's
+    )
+    assert row["failed %"] == "0.60"  # 3 of 500 requests
+    assert row["x raw"] == "-"  # no reference ran
+
+
+def test_hit_rate_and_result_are_over_every_round():
+    runs = [
+        Run("stock", "0", summary(), before={"HIT": 0.0}, after={"HIT": 9.0, "MISS": 1.0}),
+        Run("stock", "99", summary(), before={"HIT": 9.0, "MISS": 1.0}, after={"HIT": 19.0}),
+    ]
+    runs = [replace(r, group="stock", round=i) for i, r in enumerate(runs, 1)]
+    row = rows_by_label(report(measure(runs))[0])["stock"]
+    assert (row["cache hit %"], row["result"]) == ("95.0", "THRESHOLDS")  # 19 of 20; round 2
+
+
+def test_scenario_rows_have_their_own_ratios_per_round():
+    def stock(random_rps):
+        return at(300.0, scenarios={"random": figures(rps=random_rps)})
+
+    runs = interleaved(
+        "update-stock", ("raw", [1000.0, 500.0]), ("update-stock", [stock(100.0), stock(100.0)])
+    )
+    rows = rows_by_label(report(measure(runs))[0])
+    assert rows["  update-stock:random"]["x raw"] == "0.15x (0.10, 0.20)"
+    assert rows["update-stock"]["x raw"] == "0.45x (0.30, 0.60)"
 
 
 def test_every_row_shows_its_ratio_to_the_reference_of_its_shape():
     runs = [
-        Run("raw", "0", at(1000.0)),
-        Run("product", "0", at(500.0)),
-        Run("update-stock", "0", at(300.0, scenarios={"random": figures(rps=250.0)})),
-        Run("pgbench", "0", at(4000.0)),
-        Run("raw-seed-stock", "0", at(100.0)),
-        Run("seed-stock", "0", at(90.0)),
+        *interleaved("product", ("raw", [1000.0]), ("product", [500.0])),
+        *interleaved(
+            "update-stock",
+            ("raw", [1000.0]),
+            ("update-stock", [at(300.0, scenarios={"random": figures(rps=250.0)})]),
+        ),
+        *interleaved("seed-stock", ("raw-seed-stock", [100.0]), ("seed-stock", [90.0])),
+        Run("pgbench", "0", at(4000.0), round=1),
         Run("spike", "0", at(2000.0)),
     ]
-    x = {label.strip(): row["x raw"] for label, row in rows_by_label(report(runs)[0]).items()}
+    x = {label.strip(): r["x raw"] for label, r in rows_by_label(report(measure(runs))[0]).items()}
     assert x == {
         "raw": "ref",
-        "product": "0.50x",
+        "product": "0.50x",  # one round: no brackets
         "update-stock": "0.30x",
         "update-stock:random": "0.25x",
-        "pgbench": "-",  # transactions, not HTTP answers: the composed limit's note says more
         "raw-seed-stock": "ref",
         "seed-stock": "0.90x",  # its own reference, not raw
+        "pgbench": "-",  # transactions, not HTTP answers: the composed limit's note says more
         "spike": "-",
     }
 
 
 def test_without_its_reference_a_row_has_no_ratio():
-    rows, _ = report([Run("product", "0", at(500.0)), Run("seed-stock", "0", at(90.0))])
+    runs = [Run("product", "0", at(500.0), round=1), Run("seed-stock", "0", at(90.0), round=1)]
+    rows, _ = report(measure(runs))
     assert [row[benchkit.HEAD.index("x raw")] for row in rows] == ["-", "-"]
+
+
+def test_a_reference_of_another_round_or_script_is_not_used():
+    runs = [
+        Run("raw", "0", at(1000.0), group="stock", round=1),
+        Run("product", "0", at(500.0), group="product", round=1),
+        Run("raw", "0", at(1000.0), group="product", round=2),
+    ]
+    assert measure(runs)["product"].ratios == ()
 
 
 def test_composed_limit():
@@ -328,90 +506,166 @@ def test_composed_limit():
 
 
 def test_deltas_note_shows_the_composed_limit():
-    runs = [
-        Run("raw", "0", at(3000.0)),
-        Run("deltas", "0", at(500.0)),
-        Run("pgbench", "0", at(6000.0)),
-    ]
-    assert report(runs)[1] == [
+    runs = interleaved("deltas", ("raw", [3000.0]), ("deltas", [500.0]), ("pgbench", [6000.0]))
+    assert report(measure(runs))[1] == [
         "deltas: 500.0 req/s = 0.25x the composed limit 2000.0/s = 1 / (1/raw 3000.0 + 1/pgbench "
         "6000.0)"
     ]
-    assert report(runs[:2])[1] == []  # no pgbench, no limit
+    assert report(measure(runs[:2]))[1] == []  # no pgbench, no limit
+
+
+def test_deltas_are_measured_against_each_rounds_own_limit():
+    runs = interleaved(
+        "deltas",
+        ("raw", [3000.0, 1000.0, 2000.0]),
+        ("deltas", [500.0, 300.0, 500.0]),
+        ("pgbench", [6000.0, 1000.0, 2000.0]),
+    )
+    deltas = measure(runs)["deltas"]
+    assert [limit.value for limit in deltas.limits] == pytest.approx([2000.0, 500.0, 1000.0])
+    assert deltas.of_limits == pytest.approx((0.25, 0.6, 0.5))
+    notes = report(measure(runs))[1]
+    assert notes[0].startswith("3 rounds: each compared script ran 3 times, each right after")
+    assert notes[-1] == (
+        "deltas: 0.50x (0.25, 0.60, 0.50) the composed limit 1 / (1/raw + 1/pgbench) of its "
+        "round: 2000.0, 500.0, 1000.0/s, from raw 3000.0, 1000.0, 2000.0 and pgbench 6000.0, "
+        "1000.0, 2000.0"
+    )
+    last = targets(measure(runs))[-2]
+    assert last.row() == [
+        "deltas req/s / 1/(1/raw + 1/pgbench)",
+        "0.50x (0.25, 0.60, 0.50)",
+        ">= 0.50x",
+        "PASS",
+    ]
 
 
 def test_seed_runs_note_their_think_time():
-    s = at(90.0, think_ms=50, pages=10)
-    notes = report([Run("seed-pagination", "0", s), Run("seed-stock", "0", at(9.0, think_ms=50))])[
-        1
+    runs = [
+        Run("seed-pagination", "0", at(90.0, think_ms=50, pages=10)),
+        Run("seed-stock", "0", at(9.0, think_ms=50)),
     ]
-    assert notes == [
+    assert report(measure(runs))[1] == [
         "seed-pagination: 50 ms think time after each answer, pages 1..10",
         "seed-stock: 50 ms think time after each answer",
     ]
 
 
-def all_targets(product=900.0, stock=899.0, seed=950.0, seed_p95=12.0, deltas=250.0):
-    """Summaries of a whole compare run: raw 1000 req/s, pgbench 1000 tps (a limit of 500/s), the
-    seed pagination reference at 1000 req/s with a p95 of 5 ms (a bound of 12 ms)."""
-    return {
-        "raw": at(1000.0),
-        "product": at(product),
-        "stock": at(stock),
-        "products": at(800.0),
-        "deltas": at(deltas),
-        "pgbench": at(1000.0),
-        "raw-seed-pagination": at(1000.0, p95_ms=5.0, vus=200),
-        "seed-pagination": at(seed, p95_ms=seed_p95, vus=200, think_ms=50, pages=10),
-    }
+def all_targets(product=900.0, stock=899.0, seed=950.0, seed_p95=12.0, deltas=250.0, rounds=1):
+    """The runs of a whole compare, `rounds` alike: raw 1000 req/s, pgbench 1000 tps (a limit of
+    500/s), the seed pagination reference at 1000 req/s with a p95 of 5 ms (a bound of 12 ms)."""
+
+    def alike(*scripts):
+        return [(name, [f] * rounds) for name, f in scripts]
+
+    seed_pagination = at(seed, p95_ms=seed_p95, vus=200, think_ms=50, pages=10)
+    return [
+        *interleaved("product", *alike(("raw", 1000.0), ("product", product))),
+        *interleaved("stock", *alike(("raw", 1000.0), ("stock", stock))),
+        *interleaved("products", *alike(("raw", 1000.0), ("products", 800.0))),
+        *interleaved("deltas", *alike(("raw", 1000.0), ("deltas", deltas), ("pgbench", 1000.0))),
+        *interleaved(
+            "seed-pagination",
+            *alike(
+                ("raw-seed-pagination", at(1000.0, p95_ms=5.0, vus=200)),
+                ("seed-pagination", seed_pagination),
+            ),
+        ),
+    ]
 
 
 def test_targets_pass_at_their_bounds_and_fail_past_them():
-    assert [t.row() for t in targets(all_targets())] == [
+    assert [t.row() for t in targets(measure(all_targets()))] == [
         ["product req/s / raw", "0.90x", ">= 0.90x", "PASS"],
         ["stock req/s / raw", "0.90x", ">= 0.90x", "FAIL"],  # 0.899, shown rounded
         ["products req/s / raw", "0.80x", ">= 0.80x", "PASS"],
         ["seed-pagination req/s / raw-seed-pagination", "0.95x", ">= 0.95x", "PASS"],
-        ["seed-pagination p95 (2x raw's + 2 ms)", "12.00 ms", "<= 12.00 ms", "PASS"],
+        ["seed-pagination p95 (medians; 2x raw's + 2 ms)", "12.00 ms", "<= 12.00 ms", "PASS"],
         ["deltas req/s / 1/(1/raw + 1/pgbench)", "0.50x", ">= 0.50x", "PASS"],
         ["failed requests, every run", "none", "none", "PASS"],
     ]
-    failing = targets(all_targets(product=899.0, seed=949.0, seed_p95=12.01, deltas=249.0))
-    assert [t.ok for t in failing] == [False, False, True, False, False, False, True]
+    runs = all_targets(product=899.0, seed=949.0, seed_p95=12.01, deltas=249.0)
+    assert [t.ok for t in targets(measure(runs))] == [False, False, True, False, False, False, True]
+
+
+def edited(runs, which, **figures_):
+    """`runs` with the summary of those `which` names (a script, or a (name, group, round) key)
+    changed by figures_."""
+    return [
+        replace(r, summary={**r.summary, **figures_}) if which in (r.name, r.key) else r
+        for r in runs
+    ]
+
+
+def test_targets_are_judged_on_the_median_of_the_rounds():
+    """One bad round of three does not fail a target, two do; the pagination p95 compares the
+    median of its p95s with the reference's."""
+    runs = edited(all_targets(rounds=3), ("product", "product", 2), rps=500.0)
+    found = {t.what: t for t in targets(measure(runs))}
+    assert found["product req/s / raw"].row()[1:] == [
+        "0.90x (0.90, 0.50, 0.90)",
+        ">= 0.90x",
+        "PASS",
+    ]
+    runs = edited(runs, ("product", "product", 3), rps=899.0)
+    found = {t.what: t for t in targets(measure(runs))}
+    assert found["product req/s / raw"].row()[1:] == [
+        "0.90x (0.90, 0.50, 0.90)",
+        ">= 0.90x",
+        "FAIL",
+    ]
+
+    p95_target = "seed-pagination p95 (medians; 2x raw's + 2 ms)"  # the reference's: 5 ms
+    runs = edited(runs, ("seed-pagination", "seed-pagination", 1), p95_ms=30.0)
+    runs = edited(runs, ("seed-pagination", "seed-pagination", 2), p95_ms=11.0)
+    p95 = {t.what: t for t in targets(measure(runs))}[p95_target]
+    assert (p95.measured, p95.needed, p95.ok) == ("12.00 ms", "<= 12.00 ms", True)
+    runs = edited(runs, ("seed-pagination", "seed-pagination", 2), p95_ms=13.0)
+    p95 = {t.what: t for t in targets(measure(runs))}[p95_target]
+    assert (p95.measured, p95.ok) == ("13.00 ms", False)
+    runs = edited(runs, ("raw-seed-pagination", "seed-pagination", 3), p95_ms=7.0)
+    runs = edited(runs, ("raw-seed-pagination", "seed-pagination", 2), p95_ms=6.0)
+    p95 = {t.what: t for t in targets(measure(runs))}[p95_target]
+    assert (p95.needed, p95.ok) == ("<= 14.00 ms", True)  # 2 x the median 6 ms + 2
 
 
 def test_a_target_needs_its_reference():
-    s = all_targets()
-    assert targets({k: v for k, v in s.items() if k != "raw"})[0].what.startswith("seed-pagination")
-    assert targets({"product": s["product"], "deltas": s["deltas"]}) == []  # no ratio: no targets
-    only_product = targets({"raw": s["raw"], "product": s["product"]})
-    assert [t.what for t in only_product] == ["product req/s / raw", "failed requests, every run"]
+    runs = all_targets()
+    no_raw = [r for r in runs if r.name != "raw"]
+    assert targets(measure(no_raw))[0].what.startswith("seed-pagination")
+    just = [r for r in no_raw if r.name in ("product", "deltas")]
+    assert targets(measure(just)) == []  # no ratio: no targets
+    only_product = [r for r in runs if r.group == "product"]
+    assert [t.what for t in targets(measure(only_product))] == [
+        "product req/s / raw",
+        "failed requests, every run",
+    ]
 
 
 def test_the_failed_requests_target_names_every_run_that_failed_one():
-    s = all_targets()
-    s["raw"] = at(1000.0, failed_rate=0.001)
-    s["deltas"] = at(250.0, failed_rate=0.02)
-    last = targets(s)[-1]
-    assert (last.measured, last.ok) == ("raw 0.10%, deltas 2.00%", False)
+    runs = edited(all_targets(), ("raw", "product", 1), failed_rate=0.001)
+    runs = edited(runs, "deltas", failed_rate=0.02)
+    last = targets(measure(runs))[-1]
+    # raw: 1 of its 4 runs (300 requests each) failed 0.1%, so 0.025% of all its requests.
+    assert (last.measured, last.ok) == ("raw 0.03%, deltas 2.00%", False)
 
 
 def test_target_caveats_say_how_a_run_differs_from_the_targets_one():
-    s = all_targets()
-    assert benchkit.target_caveats({"pinned": "1", "workers": "1"}, s) == []
-    s["product"] = at(900.0, vus=5)
-    s["stock"] = at(900.0, vus=5)
-    s["seed-pagination"] = at(950.0, vus=200, think_ms=0, pages=10)
-    assert benchkit.target_caveats({"pinned": "0", "workers": "2"}, s) == [
+    measured = measure(all_targets(rounds=3))
+    assert benchkit.target_caveats({"pinned": "1", "workers": "1"}, measured) == []
+    runs = edited(edited(all_targets(rounds=2), "product", vus=5), "stock", vus=5)
+    runs = edited(runs, "seed-pagination", think_ms=0)
+    assert benchkit.target_caveats({"pinned": "0", "workers": "2"}, measure(runs)) == [
         "not pinned (--pin)",
         "2 workers, not 1",
+        "2 rounds, not 3",
         "product, stock at 5 VUs, not 50",
         "seed-pagination with 0 ms think time and pages 1..10, not 50 ms and 1..10",
     ]
 
 
 def test_render_prints_the_targets_and_their_caveats():
-    found = targets(all_targets())
+    found = targets(measure(all_targets()))
     text = render([], [], found, ["not pinned (--pin)"], ["what ran where"])
     lines = text.splitlines()
     assert lines[0] == "what ran where"
@@ -421,12 +675,38 @@ def test_render_prints_the_targets_and_their_caveats():
     assert benchkit.TARGETS_TITLE not in render([], [])  # nothing to tell, no section
 
 
+def test_text_table_shows_medians_and_each_rounds_ratio():
+    runs = interleaved("product", ("raw", [1000.0, 4000.0, 2000.0]), ("product", [900, 3000, 1000]))
+    rows, notes = report(measure(runs))
+    lines = render(rows, notes, targets(measure(runs))).splitlines()
+
+    def cells(start):  # columns are two spaces apart at least; a ratio cell has single spaces
+        return re.split(r"\s{2,}", next(x for x in lines if x.startswith(start)).strip())
+
+    assert cells("product ")[:6] == [
+        "product",
+        "50",
+        "3s",
+        "3",
+        "1000.0",
+        "0.75x (0.90, 0.75, 0.50)",
+    ]
+    assert cells("raw ")[:6] == ["raw", "50", "3s", "3", "2000.0", "ref"]
+    assert cells("  product req/s") == [
+        "product req/s / raw",
+        "0.75x (0.90, 0.75, 0.50)",
+        ">= 0.90x",
+        "FAIL",
+    ]
+
+
 def test_markdown_has_the_header_table_targets_and_images():
     meta = {"command": "scripts/bench --pin compare", "date": "2026-11-25 20:00 UTC"}
     meta |= {"pinned": "1", "workers": "1", "server_cpus": "1", "client_cpus": "0"}
     meta |= {"settings": {"FAST_LANE": "0"}, "machine": {"cpu": "Some CPU", "cores": "2"}}
-    rows, notes = report([Run("raw", "0", at(1000.0)), Run("product", "0", at(500.0))])
-    found = targets(all_targets())
+    runs = interleaved("product", ("raw", [1000.0, 1000.0]), ("product", [500.0, 600.0]))
+    rows, notes = report(measure(runs))
+    found = targets(measure(all_targets()))
     text = benchkit.markdown(rows, notes, found, [], meta, {"req/s": "docs/bench/reqs.png"})
     lines = text.splitlines()
     assert lines[0] == (
@@ -434,7 +714,8 @@ def test_markdown_has_the_header_table_targets_and_images():
         "on CPU 1, k6 and pgbench on CPU 0; settings: FAST_LANE=0"
     )
     assert lines[2].startswith("Machine: Some CPU, 2 cores")
-    assert "| product | 50 | 3s | 500.0 | 0.50x | 1.23 | 1.50 |" in text
+    assert "| product | 50 | 3s | 2 | 550.0 | 0.55x (0.50, 0.60) | 1.23 | 1.50 |" in text
+    assert "- 2 rounds: each compared script ran 2 times" in text
     assert "| stock req/s / raw | 0.90x | >= 0.90x | FAIL |" in text
     assert lines[-1] == "![req/s](docs/bench/reqs.png)"
 
@@ -478,16 +759,20 @@ def write_run(bench_dir, name, s):
 def test_save_copies_the_results_and_rewrites_the_readme_block(tmp_path):
     bench_dir, dest = tmp_path / "bench", tmp_path / "docs" / "bench"
     bench_dir.mkdir()
-    write_run(bench_dir, "raw", at(1000.0))
-    write_run(bench_dir, "product", at(450.0))
+    write_run(bench_dir, "raw.product.1", at(1000.0))
+    write_run(bench_dir, "product.1", at(450.0))
+    write_run(bench_dir, "raw.product.2", at(800.0))
+    write_run(bench_dir, "product.2", at(400.0))
     (bench_dir / "meta.json").write_text(json.dumps({"command": "scripts/bench --pin product"}))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- bench:latest -->\nold\n<!-- /bench:latest -->\nafter\n")
 
-    runs = [benchkit.load_run(bench_dir, "raw:0"), benchkit.load_run(bench_dir, "product:0")]
+    items = ["raw.product.1:0", "product.1:0", "raw.product.2:0", "product.2:0"]
+    runs = [benchkit.load_run(bench_dir, item) for item in items]
+    assert [r.key for r in runs[:2]] == [("raw", "product", 1), ("product", "product", 1)]
     text = benchkit.write_results(bench_dir, runs, (dest, readme))
 
-    assert "product req/s / raw" in text
+    assert re.search(r"product req/s / raw +0\.47x \(0\.45, 0\.50\) ", text), text
     for name in ("results.md", "reqs.png", "latency.png"):
         assert (dest / name).read_bytes() == (bench_dir / name).read_bytes()
     assert "![req/s per scenario](reqs.png)" in (dest / "results.md").read_text()
@@ -496,7 +781,7 @@ def test_save_copies_the_results_and_rewrites_the_readme_block(tmp_path):
     assert new.endswith(
         "![p50, p95 and p99 per scenario](docs/bench/latency.png)\n<!-- /bench:latest -->\nafter\n"
     )
-    assert "old" not in new and "| product | 50 | 3s | 450.0 | 0.45x |" in new
+    assert "old" not in new and "| product | 50 | 3s | 2 | 425.0 | 0.47x (0.45, 0.50) |" in new
 
 
 def test_save_leaves_a_readme_without_the_block_alone_and_drops_stale_charts(tmp_path, capsys):

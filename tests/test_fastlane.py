@@ -58,6 +58,9 @@ TABLE = [
     "/api/products?page=92233720368547759",
     "/api/products?page=92233720368547760",
     "/api/productsx",
+    "/healthz",
+    "/healthz?x=1",
+    "/healthz/",
 ]
 
 

@@ -155,3 +155,16 @@ def test_a_write_on_another_host_during_a_redis_partition_is_seen_within_the_bou
             assert b_reads() == [77] * 6
     finally:
         private_redis.resume()
+
+
+def test_a_page_is_never_staler_than_its_products(near):
+    generation = near.generation
+    near.put_page(1, 2, [1, 2], True, generation)
+    for pid in (1, 2):
+        near.put_product(pid, entry(1, pid), near.begin(pid))
+    assert near.page_items(1, 2) == (b'{"stock":1},{"stock":2}', True)
+    assert near.page_items(1, 2) == (b'{"stock":1},{"stock":2}', True)  # kept, joined
+    shared.changed(2)
+    assert near.page_items(1, 2) is None  # product 2 moved: the joined items go with it
+    near.put_product(2, entry(2, 22), near.begin(2))
+    assert near.page_items(1, 2) == (b'{"stock":1},{"stock":22}', True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import requests
 
 from tests.servers import BIN
@@ -33,6 +34,7 @@ def test_document_is_served(client):
     }
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_nothing(live_server, tmp_path):
     server = live_server(WEB_CONCURRENCY="2")
     config = tmp_path / "schemathesis.toml"

@@ -21,6 +21,9 @@ from faststock.config import Config
 from faststock.seed import product_row
 from tests.servers import BIN, ROOT, SERVERS, children, free_port, poll
 
+# Every test here runs the scripts as a user does: real servers, real processes.
+pytestmark = pytest.mark.live
+
 UP = ROOT / "scripts" / "up"
 
 
@@ -134,6 +137,7 @@ def gunicorn_title(script_pid: int) -> str:
     return ""
 
 
+@pytest.mark.slow
 def test_up_serves_seeded_data_and_cleans_up(up):
     port, logs = free_port(), []
     for stop_signal, group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
@@ -154,6 +158,7 @@ def test_up_serves_seeded_data_and_cleans_up(up):
     assert [log.count("inserted 10000 products") for log in logs] == [1, 0]  # the data was kept
 
 
+@pytest.mark.slow
 def test_two_instances_share_nothing_and_a_third_on_a_taken_port_is_refused(up):
     """Each port has its own run directory and servers; another instance on a taken port stops
     before touching any server. The first binds loopback only; --clean removes its directory."""
