@@ -41,7 +41,7 @@ class Config:
     # Per-worker cache in front of Redis (nearcache.py): entries (0 turns it off), and seconds
     # (never more than CACHE_TTL_SECONDS: the shorter of the two applies).
     near_cache_size: int = 100_000
-    near_cache_ttl_seconds: int = 30
+    near_cache_ttl_seconds: int = 60
     # Answer near-cache hits before Flask (fastlane.py); 0 for debugging and A/B benchmarks.
     fast_lane: bool = True
 

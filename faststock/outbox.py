@@ -156,6 +156,8 @@ class Keeper:
                 return False
             except Exception as exc:  # any Redis client failure, as in cache.py
                 log.info("outbox replay postponed, Redis: %s", exc)
+                # Changes this host cannot learn of may be waiting: its workers' own copies go.
+                self.near.distrust()
                 return False
             if len(pending) < BATCH:
                 return True

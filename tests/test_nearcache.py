@@ -140,19 +140,13 @@ def test_a_write_on_another_host_during_a_redis_partition_is_seen_within_the_bou
     try:
         assert requests.post(host_a.url("/api/products/7/update-stock"), json={"stock": 77}).ok
         answered = time.monotonic()
-
-        def b_reads() -> list[int]:
-            return [
-                requests.get(host_b.url("/api/products/7"), headers={"Connection": "close"}).json()[
-                    "stock"
-                ]
-                for _ in range(6)
-            ]
-
-        assert poll(lambda: b_reads() == [77] * 6, within=5)
-        assert time.monotonic() - answered < SWEEP_SECONDS + 0.1 + 1.5  # bound, with a margin
-        for _ in range(5):
-            assert b_reads() == [77] * 6
+        bound = SWEEP_SECONDS + 0.1 + 1.0  # a sweep, a Redis timeout, and a margin for load
+        last_stale = None
+        while time.monotonic() - answered < bound + 1.5:  # bounded: reads past the bound too
+            response = requests.get(host_b.url("/api/products/7"), headers={"Connection": "close"})
+            if response.json()["stock"] != 77:
+                last_stale = time.monotonic() - answered
+        assert last_stale is None or last_stale < bound, f"old stock {last_stale:.2f} s after"
     finally:
         private_redis.resume()
 
