@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
@@ -28,6 +27,7 @@ import psycopg2.extensions
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 
+from . import realpoll
 from .config import Config
 from .errors import Unavailable
 
@@ -155,30 +155,11 @@ def connect(
     return conn
 
 
-def _original_poll() -> Callable[[], Any]:
-    """The operating system's poll(2), even where gevent has patched `select`.
-
-    Not `select.select`: it cannot watch a descriptor numbered 1024 or more, and a busy gevent
-    worker (a thousand client sockets, Redis connections) passes that easily. Not gevent's poll:
-    a zero-timeout check needs no trip through the event loop.
-    """
-    try:
-        from gevent import monkey
-    except ImportError:
-        return select.poll
-    return monkey.get_original("select", "poll")
-
-
-_poll = _original_poll()
-
-
 def _server_hung_up(conn: psycopg2.extensions.connection) -> bool:
     """An idle connection with something to read has been closed by the server (a restart, an
-    admin's pg_terminate_backend): checking costs one poll and spares the request a 503."""
+    admin's pg_terminate_backend): checking costs one poll(2) and spares the request a 503."""
     try:
-        poller = _poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
-        return bool(poller.poll(0))
+        return realpoll.readable(conn.fileno())
     except (OSError, ValueError, psycopg2.InterfaceError):
         return True
 

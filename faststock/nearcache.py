@@ -24,18 +24,17 @@ holds and answered from the product entries, so it is never staler than the prod
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import redis
 from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import shared
+from . import realpoll, shared
 from .cache import CHANNEL, FLUSH_ALL, Cache, decode_entry
 from .config import Config
 
@@ -45,19 +44,6 @@ HEARTBEAT_SECONDS = 3.0  # silence longer than this on the subscription: assume 
 
 ProductHit = tuple[bytes, int]  # (product JSON, stock)
 Token = tuple[int, int]  # (change stamp, flush generation), read before a load
-
-
-def _original_poll() -> Callable[[], object]:
-    """The operating system's poll(2), even where gevent has patched `select`: checking one
-    socket without waiting needs no trip through gevent's event loop."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return select.poll
-    return monkey.get_original("select", "poll")
-
-
-_poll = _original_poll()
 
 
 class Invalidations:
@@ -74,7 +60,7 @@ class Invalidations:
             health_check_interval=0,
         )
         self._pubsub: redis.client.PubSub | None = None
-        self._poller: object | None = None
+        self._fd = -1
         self._heard = 0.0  # monotonic time the subscription last proved alive
         self._lock = threading.Lock()
 
@@ -91,9 +77,7 @@ class Invalidations:
                 log.info("change channel unavailable: %s", exc)
                 return False
             self._pubsub = pubsub
-            poller = _poll()
-            poller.register(pubsub.connection._sock.fileno(), select.POLLIN | select.POLLPRI)
-            self._poller = poller
+            self._fd = pubsub.connection._sock.fileno()
             self._heard = time.monotonic()
             return True
 
@@ -117,7 +101,7 @@ class Invalidations:
         # One poll(2) when nothing came: the common case. When something did, read until
         # redis-py has nothing left, buffered or not: anything newer must then arrive on the
         # socket, which the next poll sees.
-        if not self._poller.poll(0):
+        if not realpoll.readable(self._fd):
             return []
         with self._lock:
             payloads: list[bytes] = []
@@ -139,7 +123,7 @@ class Invalidations:
             except Exception:  # already broken: nothing to give back
                 log.debug("closing the change channel failed", exc_info=True)
         self._pubsub = None
-        self._poller = None
+        self._fd = -1
 
     def close(self) -> None:
         with self._lock:
