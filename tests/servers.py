@@ -127,6 +127,16 @@ class PgServer:
             os.kill(pid, signal.SIGCONT)
 
 
+GUNICORN = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"]
+
+
+def run_gunicorn(env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run gunicorn as production does, to completion (for starts that must fail)."""
+    return subprocess.run(
+        GUNICORN, cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def children(pid: int) -> list[int]:
     """Direct child processes of `pid` (gunicorn's workers), read from /proc."""
     found = []
@@ -191,7 +201,7 @@ class LiveServer:
     def start(self, timeout: float = 30) -> LiveServer:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"],
+            GUNICORN,
             cwd=ROOT,
             env=self.env,
             stdout=log,

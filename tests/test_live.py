@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +15,12 @@ import requests
 
 from tests.servers import (
     BIN,
-    ROOT,
     fire,
     get,
     poll,
     post_stock,
     row_locked,
+    run_gunicorn,
     tcp_peer_ports,
     wait_for_lock_waiter,
 )
@@ -145,14 +144,7 @@ def test_metrics_add_up_across_workers(live_server):
 )
 def test_bad_setting_stops_gunicorn_with_one_line(name, value, message, fresh):
     env = {"PATH": str(BIN), "DATABASE_URL": fresh.database_url, name: value}
-    result = subprocess.run(
-        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_gunicorn(env, timeout=30)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ import requests
 
 from faststock.config import Config
 from faststock.seed import product_row
-from tests.servers import BIN, ROOT, SERVERS, children, free_port, poll
+from tests.servers import BIN, ROOT, SERVERS, children, free_port, poll, run_gunicorn
 
 # Every test here runs the scripts as a user does: real servers, real processes.
 pytestmark = pytest.mark.live
@@ -236,14 +236,7 @@ def test_a_failed_bind_leaves_no_metrics_directory(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         env = user_env(PORT=str(holder.getsockname()[1]), TMPDIR=str(tmp), WEB_CONCURRENCY="1")
-        result = subprocess.run(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_gunicorn(env)
     assert result.returncode != 0 and "Connection in use" in result.stderr, result.stderr
     assert not list(tmp.glob("faststock-metrics-*"))
 
