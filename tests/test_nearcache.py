@@ -162,3 +162,17 @@ def test_a_page_is_never_staler_than_its_products(near):
     assert near.page_items(1, 2) is None  # product 2 moved: the joined items go with it
     near.put_product(2, entry(2, 22), near.begin(2))
     assert near.page_items(1, 2) == (b'{"stock":1},{"stock":22}', True)
+
+
+def test_a_hung_redis_never_brings_the_near_cache_back(make_app, private_redis):
+    """A stopped (SIGSTOP) Redis still accepts TCP connections: subscribing is not proof."""
+    near = get_near(make_app(redis_url=private_redis.url, redis_timeout_ms=100))
+    private_redis.pause()
+    try:
+        near.heartbeat()
+        assert not near.usable()
+    finally:
+        private_redis.resume()
+    near.heartbeat()
+    assert near.usable()
+    near.invalidations.close()
