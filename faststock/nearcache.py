@@ -60,7 +60,7 @@ class Invalidations:
             health_check_interval=0,
         )
         self._pubsub: redis.client.PubSub | None = None
-        self._fd = -1
+        self._watch: realpoll.Watch | None = None
         self._heard = 0.0  # monotonic time the subscription last proved alive
         self._lock = threading.Lock()
 
@@ -77,7 +77,7 @@ class Invalidations:
                 log.info("change channel unavailable: %s", exc)
                 return False
             self._pubsub = pubsub
-            self._fd = pubsub.connection._sock.fileno()
+            self._watch = realpoll.Watch(pubsub.connection._sock.fileno())
             self._heard = time.monotonic()
             return True
 
@@ -95,13 +95,13 @@ class Invalidations:
     def drain(self) -> list[bytes] | None:
         """Every change message received so far (payloads; usually none), or None when the
         channel is down or has been silent past HEARTBEAT_SECONDS. Called before every hit."""
-        pubsub = self._pubsub
-        if pubsub is None or time.monotonic() - self._heard >= HEARTBEAT_SECONDS:
+        pubsub, watch = self._pubsub, self._watch
+        if pubsub is None or watch is None or time.monotonic() - self._heard >= HEARTBEAT_SECONDS:
             return None
         # One poll(2) when nothing came: the common case. When something did, read until
         # redis-py has nothing left, buffered or not: anything newer must then arrive on the
         # socket, which the next poll sees.
-        if not realpoll.readable(self._fd):
+        if not watch.readable():
             return []
         with self._lock:
             payloads: list[bytes] = []
@@ -123,7 +123,7 @@ class Invalidations:
             except Exception:  # already broken: nothing to give back
                 log.debug("closing the change channel failed", exc_info=True)
         self._pubsub = None
-        self._fd = -1
+        self._watch = None
 
     def close(self) -> None:
         with self._lock:

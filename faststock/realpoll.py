@@ -26,8 +26,23 @@ def _original() -> Callable[[], Any]:
 poll = _original()
 
 
+_EVENTS = select.POLLIN | select.POLLPRI
+
+
 def readable(fd: int) -> bool:
     """Whether `fd` has something to read (or is closed or in error) right now."""
     poller = poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
+    poller.register(fd, _EVENTS)
     return bool(poller.poll(0))
+
+
+class Watch:
+    """`readable` for one descriptor checked again and again (the near cache's, before every
+    hit): the poll object is built once, so each check is the system call alone."""
+
+    def __init__(self, fd: int) -> None:
+        self._poller = poll()
+        self._poller.register(fd, _EVENTS)
+
+    def readable(self) -> bool:
+        return bool(self._poller.poll(0))
