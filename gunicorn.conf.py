@@ -3,7 +3,8 @@
 Workers are gevent: one process per core, each holding up to `worker_connections` concurrent
 requests on cooperative sockets. The app is imported in each worker after fork (no preload), so
 no connection or pool is ever shared across processes. Override any of these with
-`GUNICORN_CMD_ARGS`, e.g. `--access-logfile -`.
+`GUNICORN_CMD_ARGS`, e.g. `--timeout 60`. Logs are JSON lines on stderr (faststock/logs.py);
+ACCESS_LOG=1 adds one per request.
 """
 
 import atexit
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 
 import faststock.shared  # noqa: F401 - maps the page the workers share, before they fork
-from faststock import worker
+from faststock import logs, worker
 from faststock.config import from_env_or_exit
 
 _config = from_env_or_exit()
@@ -32,9 +33,15 @@ graceful_timeout = 30
 # No recycling: a worker's memory stays flat, and each recycle is a cold start (README, Shutdown).
 max_requests = 0
 preload_app = False
+# gunicorn's access log stays off: ACCESS_LOG=1 has the app log requests, as JSON with route
+# templates, the fast lane's included.
 accesslog = None
 errorlog = "-"
 loglevel = _config.log_level.lower()
+# gunicorn's own lines (start, workers, errors) as JSON too, in the app's shape. The logger class
+# keeps the access log off, which any logconfig_dict would turn on at a cost to every request.
+logconfig_dict = logs.gunicorn_logconfig()
+logger_class = logs.GunicornLogger
 control_socket_disable = True
 proc_name = "faststock"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 from flask import Flask, Response, g, request
 
@@ -31,16 +29,21 @@ def create_app(config: Config | None = None) -> Flask:
     in the master without importing redis-py and friends before gevent patches the workers.
     """
     from . import (
+        auth,
         cache,
         db,
         errors,
         fastlane,
+        hardening,
         health,
+        logs,
         metrics,
         nearcache,
         openapi,
         outbox,
         products,
+        ratelimit,
+        replicas,
         seed,
         singleflight,
     )
@@ -53,21 +56,25 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config["FASTSTOCK"] = config
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    logging.getLogger("faststock").setLevel(config.log_level)
 
+    logs.init_app(app)  # first: its access clock starts before any other before_request hook
     errors.init_app(app)
     db.init_app(app)
     # The breaker's opening wakes the keeper, which owns recovery from Redis failures.
     cache.init_app(app, on_outage=lambda: outbox.get_keeper(app).wake())
     nearcache.init_app(app, cache.get_cache(app))
     outbox.init_app(app)
+    replicas.init_app(app)  # after the keeper, which it tells whether to keep the replay mark
     singleflight.init_app(app)
     metrics.init_app(app)
     seed.init_app(app)
     app.before_request(_request_id)
     app.after_request(_echo_request_id)
+    auth.init_app(app)  # after the request id (a 401 carries it), before the rate limits
     app.register_blueprint(products.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    ratelimit.init_app(app)  # counts writes per key name; limits the products blueprint
+    hardening.init_app(app)
     fastlane.init_app(app)  # last: it wraps the finished app's WSGI callable
     return app

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import click
 import psycopg2
@@ -27,13 +27,14 @@ import psycopg2.extensions
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 
-from . import realpoll
+from . import queries, realpoll
 from .config import Config
 from .errors import Unavailable
 
 log = logging.getLogger("faststock.db")
 
 Cursor = psycopg2.extensions.cursor
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 
 class PoolTimeout(Exception):
@@ -44,6 +45,21 @@ class QueryTimeout(Exception):
     """PostgreSQL did not answer in time: a hung server never enforces its own statement_timeout."""
 
 
+class PoolObserver(Protocol):
+    """What a pool reports as it happens (metrics.py provides one; the pool knows nothing of
+    Flask or Prometheus). Its state (`in_use`, `waiters`) is read by whoever wants it, when it
+    wants it: keeping a gauge current on every acquire would cost every query."""
+
+    def pool_waited(self, seconds: float) -> None:
+        """A connection was handed out `seconds` after it was asked for."""
+
+    def pool_timed_out(self) -> None:
+        """A request for a connection gave up (none free in time, or connecting took too long)."""
+
+    def statement_ran(self, name: str, seconds: float) -> None:
+        """A statement function of queries.py took `seconds` on a cursor of this pool."""
+
+
 class StatementCursor(psycopg2.extensions.cursor):
     """A cursor that gives each statement its own client-side deadline, under gevent.
 
@@ -52,25 +68,37 @@ class StatementCursor(psycopg2.extensions.cursor):
     per transaction: a keyed write runs five, and lock waits the server allows must not add up
     to a client timeout. When the client does give up, psycopg2 closes the connection, and the
     backend is terminated from another connection so it cannot hold its locks for the retries.
+    Not through a transaction pooler: there the pooler closes the server connection the client
+    left mid-statement, and the backend ends with that statement, which its statement_timeout
+    (sent with every transaction, `prelude`) bounds.
     """
 
     deadline: float = 0.0
+    # Where to end an abandoned backend from; empty through a transaction pooler, where
+    # `backend_pid` names no backend of ours (PgBouncer makes one up, and its server connections
+    # serve other clients between our transactions): ending it could end someone else's work.
     dsn: str = ""
+    # Through a transaction pooler: sent ahead of each statement that opens a transaction, in the
+    # same query, since no startup option can give the (shared) server connection its limits.
+    prelude: str = ""
+    observer: PoolObserver | None = None  # queries.py times its statements through it
 
     def execute(self, query: Any, vars: Any = None) -> None:
+        if self.prelude and self.connection.get_transaction_status() == _IDLE:
+            query = self.prelude + query
         if not self.deadline or not _green():
             super().execute(query, vars)
             return
         import gevent
 
         expired = QueryTimeout()
-        backend = self.connection.info.backend_pid
+        backend = self.connection.info.backend_pid if self.dsn else 0
         timer = gevent.Timeout(self.deadline, expired)
         timer.start()
         try:
             super().execute(query, vars)
         except QueryTimeout as exc:
-            if exc is expired:
+            if exc is expired and self.dsn:
                 gevent.spawn(_terminate_backend, self.dsn, backend)
             raise
         finally:
@@ -130,25 +158,29 @@ def make_cooperative() -> bool:
 
 
 def connect(
-    dsn: str, *, statement_timeout_ms: int, timeout: float
+    dsn: str, *, statement_timeout_ms: int, timeout: float, pooled: bool = False
 ) -> psycopg2.extensions.connection:
     """Open one connection, giving up after `timeout` seconds.
 
     libpq's `connect_timeout` is ignored once psycogreen drives the connection asynchronously, so
-    under gevent the bound comes from a gevent.Timeout instead.
+    under gevent the bound comes from a gevent.Timeout instead. `pooled`: `dsn` is a transaction
+    pooler, which refuses startup options (PgBouncer: "unsupported startup parameter"), and would
+    apply them to no server connection if told to ignore them; the caller then sends
+    statement_timeout with each transaction instead. application_name passes through.
     """
-    options = (
-        f"-c statement_timeout={statement_timeout_ms} -c idle_in_transaction_session_timeout=60000"
-    )
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "connect_timeout": max(2, math.ceil(timeout)),
-        "options": options,
         "application_name": "faststock",
         "keepalives": 1,
         "keepalives_idle": 30,
         "keepalives_interval": 10,
         "keepalives_count": 3,
     }
+    if not pooled:
+        kwargs["options"] = (
+            f"-c statement_timeout={statement_timeout_ms} "
+            "-c idle_in_transaction_session_timeout=60000"
+        )
     with _deadline(timeout, PoolTimeout("connecting to PostgreSQL timed out")):
         conn = psycopg2.connect(dsn, **kwargs)
     conn.autocommit = True
@@ -167,11 +199,23 @@ def _server_hung_up(conn: psycopg2.extensions.connection) -> bool:
 class Pool:
     """At most `size` connections per process; `acquire` waits up to `timeout` for one."""
 
-    def __init__(self, dsn: str, size: int, timeout: float, statement_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        timeout: float,
+        statement_timeout_ms: int,
+        observer: PoolObserver | None = None,
+        pooled: bool = False,
+    ) -> None:
         self.dsn = dsn
         self.size = size
         self.timeout = timeout
         self.statement_timeout_ms = statement_timeout_ms
+        self.observer = observer
+        # `dsn` is a transaction pooler (DATABASE_POOLER): see connect() and StatementCursor.
+        self.pooled = pooled
+        self.prelude = queries.local_statement_timeout(statement_timeout_ms) if pooled else ""
         self._reset()
 
     def _reset(self) -> None:
@@ -179,37 +223,70 @@ class Pool:
         self._cond = threading.Condition(threading.Lock())
         self._idle: list[psycopg2.extensions.connection] = []
         self._open = 0
+        self._waiting = 0
 
     @property
     def open_connections(self) -> int:
         return self._open
 
+    @property
+    def in_use(self) -> int:
+        """Connections handed out (or being opened) and not yet given back."""
+        return self._open - len(self._idle)
+
+    @property
+    def waiters(self) -> int:
+        """Requests waiting for a connection to come free."""
+        return self._waiting
+
     def acquire(self) -> psycopg2.extensions.connection:
         if self._pid != os.getpid():
             self._reset()
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         with self._cond:
-            while not self._idle and self._open >= self.size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PoolTimeout(f"no database connection free within {self.timeout:g}s")
-                self._cond.wait(remaining)
+            if not self._idle and self._open >= self.size:
+                self._wait(deadline)
             while self._idle:
                 conn = self._idle.pop()
                 if not _server_hung_up(conn):
+                    self._handed_out(started)
                     return conn
                 conn.close()
                 self._open -= 1
             self._open += 1
         try:
-            return connect(
+            conn = connect(
                 self.dsn,
                 statement_timeout_ms=self.statement_timeout_ms,
                 timeout=max(deadline - time.monotonic(), 0.5),
+                pooled=self.pooled,
             )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, PoolTimeout) and self.observer is not None:
+                self.observer.pool_timed_out()
             self._forget()
             raise
+        self._handed_out(started)
+        return conn
+
+    def _wait(self, deadline: float) -> None:
+        """Wait, lock held, until a connection is idle or may be opened; PoolTimeout at deadline."""
+        self._waiting += 1
+        try:
+            while not self._idle and self._open >= self.size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if self.observer is not None:
+                        self.observer.pool_timed_out()
+                    raise PoolTimeout(f"no database connection free within {self.timeout:g}s")
+                self._cond.wait(remaining)
+        finally:
+            self._waiting -= 1
+
+    def _handed_out(self, started: float) -> None:
+        if self.observer is not None:
+            self.observer.pool_waited(time.monotonic() - started)
 
     def release(self, conn: psycopg2.extensions.connection, *, discard: bool = False) -> None:
         """Return `conn`, or close it if it failed, is closed or was left inside a transaction."""
@@ -288,7 +365,9 @@ def read_deadline(pool: Pool) -> float:
 def _cursor(conn: psycopg2.extensions.connection, pool: Pool) -> StatementCursor:
     cur = conn.cursor(cursor_factory=StatementCursor)
     cur.deadline = statement_deadline(pool)
-    cur.dsn = pool.dsn
+    cur.dsn = "" if pool.pooled else pool.dsn
+    cur.prelude = pool.prelude
+    cur.observer = pool.observer
     return cur
 
 
@@ -343,6 +422,30 @@ def standalone_transaction(pool: Pool) -> Iterator[Cursor]:
         pool.release(conn, discard=broken)
 
 
+@contextmanager
+def pooled_cursor(pool: Pool, observer: PoolObserver | None = None) -> Iterator[Cursor]:
+    """An autocommit cursor on a connection of `pool` held only for the block, not for the
+    request: for a replica's pool (replicas.py), whose connection a request gives back as soon
+    as its read is done. Statements are timed through `observer` (the primary pool's, so they
+    share its per-query histogram; the replica pool's own waits are not the primary's). Every
+    failure, connecting included, is `Unavailable`; the connection is then discarded.
+    """
+    try:
+        conn = pool.acquire()
+    except (PoolTimeout, psycopg2.OperationalError) as exc:
+        raise Unavailable(f"database unavailable: {str(exc).strip()}") from None
+    broken = True
+    try:
+        with _cursor(conn, pool) as cur:
+            cur.observer = observer
+            yield cur
+        broken = False
+    except (psycopg2.Error, QueryTimeout) as exc:
+        raise _translate(exc) from exc
+    finally:
+        pool.release(conn, discard=broken)
+
+
 def _teardown(exc: BaseException | None) -> None:
     """Return the request's connection. Runs after the answer is built, so a failure here is
     logged, never raised: it would turn an answer (an acknowledged write) into a 500."""
@@ -365,15 +468,19 @@ def init_db_command() -> None:
 
 
 def init_db(config: Config) -> None:
+    """Run schema.sql in one transaction under a transaction-level advisory lock, so concurrent
+    runs (every instance starting at once) take turns. A session lock would outlive the
+    transaction on a transaction pooler's server connection, which the next client then gets."""
     schema = resources.files("faststock").joinpath("schema.sql").read_text()
-    conn = connect(config.database_url, statement_timeout_ms=0, timeout=10)
+    conn = connect(
+        config.database_url, statement_timeout_ms=0, timeout=10, pooled=config.behind_pooler
+    )
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(74119)")
-            try:
-                cur.execute(schema)
-            finally:
-                cur.execute("SELECT pg_advisory_unlock(74119)")
+            cur.execute(queries.local_statement_timeout(0) + "BEGIN")
+            cur.execute("SELECT pg_advisory_xact_lock(74119)")
+            cur.execute(schema)
+            cur.execute("COMMIT")
     finally:
         conn.close()
 
@@ -386,6 +493,7 @@ def init_app(app: Flask) -> None:
         size=config.db_pool_size,
         timeout=config.db_pool_timeout,
         statement_timeout_ms=config.db_statement_timeout_ms,
+        pooled=config.behind_pooler,
     )
     app.teardown_appcontext(_teardown)
     app.cli.add_command(init_db_command)

@@ -19,10 +19,13 @@ log = logging.getLogger("faststock")
 # the OpenAPI document's enum is built from it, and `ApiError` refuses a code missing here.
 ERROR_CODES: dict[str, str] = {
     "bad_request": "the request is malformed or a value is out of range",
+    "unauthorized": "no valid API key: send Authorization: Bearer <key>",
+    "forbidden": "this client may not use this path",
     "not_found": "no such product, or no such path",
     "method_not_allowed": "the path exists, but not with this method",
     "unsupported_media_type": "the body is not sent as application/json",
     "payload_too_large": "the body is larger than the service accepts",
+    "rate_limited": "too many requests from this client; retry after Retry-After",
     "unavailable": "a dependency cannot serve the request now; retry after Retry-After",
     "internal": "a bug; the log holds the details under the request id",
     "insufficient_stock": "a negative delta would take the stock below 0",
@@ -31,13 +34,20 @@ ERROR_CODES: dict[str, str] = {
     "idempotency_in_progress": "a request with this Idempotency-Key is still being processed",
 }
 
+# On every error and every write: not to be sniffed into something else by a browser, nor kept by
+# a cache on the way. Reads go without (the fast lane's answers are the Flask views' bytes).
+HARDENED = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))
+
 # The code for an HTTP error raised by Flask, werkzeug or gunicorn rather than by our views.
 HTTP_STATUS_CODES = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
     503: "unavailable",
 }
 
@@ -95,7 +105,7 @@ def json_error(
 ) -> Response:
     body = error_body(code, message, extra)
     response = Response(body, status=status, mimetype="application/json")
-    for name, value in (headers or {}).items():
+    for name, value in (*HARDENED, *(headers or {}).items()):
         response.headers[name] = value
     return response
 

@@ -3,13 +3,19 @@
 A cached read through Flask spends most of its time in Flask's request machinery (context,
 routing, hooks, the Response object); the lane answers a GET of a product, its stock or a list
 page that this worker's near cache holds, provably current, with the same status, headers and
-bytes the Flask views send, and counts it in the same metrics. Anything it is not sure of (a
-miss, an id or query string it does not fully understand, another method or path, the near
-cache standing aside) goes to Flask untouched. It parses ids and pages with the views' own
-parsers, and builds bodies with their own functions, so the two cannot disagree.
+bytes the Flask views send, counts it in the same metrics and logs it in the same access log
+(ACCESS_LOG=1). Anything it is not sure of (a miss, an id or query string it does not fully
+understand, another method or path, the near cache standing aside) goes to Flask untouched. It
+parses ids and pages with the views' own parsers, and builds bodies with their own functions, so
+the two cannot disagree.
 
 It also answers `/healthz` (the same bytes as the health view), which needs nothing from Flask.
 `FAST_LANE=0` leaves it out, for debugging and for A/B benchmarks.
+
+With READS_REQUIRE_KEY=1 the lane is `KeyedFastLane`: a read with a valid key is answered as
+usual, any other goes to Flask, which answers 401 (the lane never refuses: Flask is the one place
+errors are made). Reads that need no key pay nothing for it: the plain `FastLane` is used. With
+READ_RATE_LIMIT set the lane stands aside: every read must be counted, in Redis, through Flask.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from typing import Any
 
 from flask import Flask
 
+from .auth import Keys, get_keys
 from .errors import ApiError
 from .health import HEALTHY
+from .logs import log_access
 from .metrics import LaneCounts, get_lane_counts
 from .nearcache import NearCache, get_near
 from .products import list_body, stock_body
@@ -42,6 +50,7 @@ class FastLane:
         self.wsgi_app = wsgi_app
         self.near: NearCache = get_near(app)
         self.counts: LaneCounts = get_lane_counts(app)
+        self.access_log: bool = app.config["FASTSTOCK"].access_log  # read once, checked per hit
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
@@ -50,27 +59,36 @@ class FastLane:
             found = self._lookup(path, environ.get("QUERY_STRING", ""))
             if found is not None:
                 body, route, endpoint = found
+                rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
                 start_response(
                     "200 OK",
                     [
                         ("Content-Type", "application/json"),
                         ("Content-Length", str(len(body))),
                         ("X-Cache", "HIT"),
-                        ("X-Request-ID", request_id(environ.get("HTTP_X_REQUEST_ID"))),
+                        ("X-Request-ID", rid),
                     ],
                 )
                 self.counts.hit(route, endpoint, time.perf_counter() - started)
+                if self.access_log:
+                    seconds = time.perf_counter() - started
+                    log_access("GET", route, 200, seconds, "HIT", rid, fast_lane=True)
                 return [body]
         elif path == "/healthz" and environ["REQUEST_METHOD"] == "GET":
             # Liveness, polled by every balancer and orchestrator: it needs nothing from Flask.
+            started = time.perf_counter()
+            rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
             start_response(
                 "200 OK",
                 [
                     ("Content-Type", "application/json"),
                     ("Content-Length", str(len(HEALTHY))),
-                    ("X-Request-ID", request_id(environ.get("HTTP_X_REQUEST_ID"))),
+                    ("X-Request-ID", rid),
                 ],
             )
+            if self.access_log:
+                seconds = time.perf_counter() - started
+                log_access("GET", "/healthz", 200, seconds, None, rid, fast_lane=True)
             return [HEALTHY]
         elif path == "/metrics":
             self.counts.flush()  # a scrape of this worker sees everything it answered
@@ -109,6 +127,21 @@ class FastLane:
         return hit[0], PRODUCT_ROUTE, "product"
 
 
+class KeyedFastLane(FastLane):
+    """The lane for READS_REQUIRE_KEY=1: API paths without a valid key go straight to Flask."""
+
+    def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
+        super().__init__(app, wsgi_app)
+        self.keys: Keys = get_keys(app)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ["PATH_INFO"].startswith(PREFIX) and (
+            self.keys.name_of(environ.get("HTTP_AUTHORIZATION")) is None
+        ):
+            return self.wsgi_app(environ, start_response)
+        return super().__call__(environ, start_response)
+
+
 def _page_query(query: str) -> tuple[str | None, str | None] | None:
     """(page, limit) raw values from the simplest query strings only: `page=D` and `limit=D`,
     each at most once, digits only. Anything else (encodings, repeats, other names, empty
@@ -131,5 +164,8 @@ def _page_query(query: str) -> tuple[str | None, str | None] | None:
 
 
 def init_app(app: Flask) -> None:
-    if app.config["FASTSTOCK"].fast_lane and get_near(app).enabled:
-        app.wsgi_app = FastLane(app, app.wsgi_app)  # type: ignore[method-assign]
+    """Last in create_app (it wraps the finished WSGI callable); after auth (the keys)."""
+    config = app.config["FASTSTOCK"]
+    if config.fast_lane and get_near(app).enabled and not config.read_rate_limit:
+        lane = KeyedFastLane if config.reads_require_key else FastLane
+        app.wsgi_app = lane(app, app.wsgi_app)  # type: ignore[method-assign]

@@ -1,16 +1,22 @@
 """Liveness and readiness for load balancers and orchestrators.
 
 `/healthz` touches nothing, so a slow database never gets a healthy worker killed; `/readyz`
-needs PostgreSQL (without it no write can succeed) and only reports Redis, which is optional.
+needs PostgreSQL (without it no write can succeed) and only reports the rest (Redis, which is
+optional, and the answering worker's breaker, pool and last outbox count), from state the worker
+already holds: one PostgreSQL round trip and at most one Redis ping.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from flask import Blueprint, Response, request
 
 from . import db, queries
 from .cache import get_cache
 from .errors import ApiError, json_error
+from .outbox import get_keeper
 
 bp = Blueprint("health", __name__)
 HEALTHY = b'{"status":"ok"}'  # the fast lane (fastlane.py) answers /healthz with it too
@@ -28,10 +34,23 @@ def healthz() -> Response:
     return _ok(HEALTHY)
 
 
+def _state() -> dict[str, Any]:
+    """This worker's view of its dependencies; the pool is read before /readyz takes a
+    connection of its own, so `in_use` counts other requests only."""
+    cache = get_cache()
+    breaker = cache.breaker
+    pool = db.get_pool()
+    return {
+        "redis": "ok" if not breaker.is_open and cache.ping() else "unavailable",
+        "breaker": {"state": "open" if breaker.is_open else "closed", "openings": breaker.openings},
+        "pool": {"size": pool.size, "in_use": pool.in_use, "waiters": pool.waiters},
+        "outbox": {"backlog": get_keeper().backlog},
+    }
+
+
 @bp.get("/readyz")
 def readyz() -> Response:
-    cache = get_cache()
-    redis_state = "ok" if not cache.breaker.is_open and cache.ping() else "unavailable"
+    state = _state()
     try:
         with db.cursor() as cur:
             queries.ping(cur)
@@ -41,6 +60,6 @@ def readyz() -> Response:
             "unavailable",
             f"PostgreSQL is not answering: {exc.message}",
             {"Retry-After": "1"},
-            {"postgres": "unavailable", "redis": redis_state},
+            {"postgres": "unavailable", **state},
         )
-    return _ok(b'{"status":"ok","postgres":"ok","redis":"%s"}' % redis_state.encode())
+    return _ok(orjson.dumps({"status": "ok", "postgres": "ok", **state}))

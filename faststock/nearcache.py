@@ -14,7 +14,9 @@ An entry is served only while it is provably current:
   (a partition), makes the near cache flush and stand aside until it is subscribed again and
   flushed.
 - **Redis trouble**: while the breaker is open or a write on this host missed Redis, the near
-  cache is flushed and not used, exactly as Redis is not.
+  cache is flushed and not used, exactly as Redis is not. A new master under Sentinel is such
+  trouble: the keeper opens the breaker as it adopts one and flushes the near cache, which comes
+  back subscribed on the new master once the outbox has been replayed there.
 
 An entry also expires after NEAR_CACHE_TTL_SECONDS (never longer than Redis's TTL), and the
 number of entries is bounded (least recently used first out). A list page is kept as the ids it
@@ -27,12 +29,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 from flask import Flask, current_app
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from . import realpoll, shared
 from .cache import CHANNEL, FLUSH_ALL, Cache, decode_entry
@@ -48,17 +48,15 @@ Token = tuple[int, int]  # (change stamp, flush generation), read before a load
 
 class Invalidations:
     """This worker's subscription to the change channel; every method is non-blocking or bounded
-    by the Redis timeouts, and none raises."""
+    by the Redis timeouts, and none raises.
 
-    def __init__(self, config: Config) -> None:
-        timeout = config.redis_timeout_ms / 1000
-        self.client = redis.Redis.from_url(
-            config.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+    `client` comes from `Cache.subscription_client()`: the cache's server, timeouts and no
+    retries, and under Sentinel its gate, so the subscription is always on the master whose
+    keys the cache reads (after a failover, only once the keeper has adopted the new one).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self._pubsub: redis.client.PubSub | None = None
         self._watch: realpoll.Watch | None = None
         self._heard = 0.0  # monotonic time the subscription last proved alive
@@ -137,13 +135,15 @@ class NearCache:
         self.size = config.near_cache_size
         self.ttl = float(min(config.near_cache_ttl_seconds, config.cache_ttl_seconds))
         self.cache = cache
-        self.invalidations = Invalidations(config)
+        self.invalidations = Invalidations(cache.subscription_client())
         self._products: OrderedDict[int, tuple[bytes, int, int, float]] = OrderedDict()
         # (page, limit) -> [ids, has_next, expires, (joined items, their stamps, expires) | None]
         self._pages: OrderedDict[tuple[int, int], list] = OrderedDict()
         self._breaker = cache.breaker
         self._trusted = False
         self._generation = 0  # bumped by every flush: loads begun before it keep nothing
+        # Told of invalidations as they are applied: ("channel", ids) or ("flush", 1).
+        self.on_invalidated: Callable[[str, int], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -190,12 +190,17 @@ class NearCache:
             if payload == FLUSH_ALL:
                 self.flush()
             else:
-                self.changed(int(i) for i in payload.split(b",") if i)
+                ids = [int(i) for i in payload.split(b",") if i]
+                self.changed(ids)
+                if self.on_invalidated is not None:
+                    self.on_invalidated("channel", len(ids))
 
     def flush(self) -> None:
         self._generation += 1
         self._products.clear()
         self._pages.clear()
+        if self.on_invalidated is not None:
+            self.on_invalidated("flush", 1)
 
     @staticmethod
     def changed(ids: Iterable[int]) -> None:
@@ -291,6 +296,11 @@ class NearCache:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def entries(self) -> int:
+        """Products and list pages held."""
+        return len(self._products) + len(self._pages)
 
     def __len__(self) -> int:
         return len(self._products)

@@ -49,6 +49,28 @@ _X_CACHE = {
 }
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}
 _UNAVAILABLE = _json(_ref("Error"), "PostgreSQL unavailable or overloaded", _RETRY_AFTER)
+_UNAUTHORIZED = _json(
+    _ref("Error"),
+    "no valid API key (missing, malformed or unknown)",
+    {"WWW-Authenticate": {"schema": {"type": "string"}}},
+)
+_RATE_LIMITED = _json(
+    _ref("Error"),
+    "over the client's rate limit",
+    {
+        **_RETRY_AFTER,
+        "X-RateLimit-Limit": {"schema": {"type": "integer", "minimum": 1}},
+        "X-RateLimit-Remaining": {"schema": {"type": "integer", "minimum": 0}},
+        "X-RateLimit-Reset": {
+            "description": "the Unix time the current window ends",
+            "schema": {"type": "integer"},
+        },
+    },
+)
+# Writes need a key (unless the server allows anonymous writes); reads may carry one, and need
+# one where the server says so (READS_REQUIRE_KEY=1).
+_KEYED = [{"apiKey": []}]
+_KEY_OPTIONAL = [{}, {"apiKey": []}]
 _ID = {
     "name": "id",
     "in": "path",
@@ -62,10 +84,13 @@ def _read(summary: str, schema: str) -> dict:
         "get": {
             "summary": summary,
             "parameters": [_ID],
+            "security": _KEY_OPTIONAL,
             "responses": {
                 "200": _json(_ref(schema), "found", _X_CACHE),
                 "400": _error("the id is not an integer from 1 to 2^63-1"),
+                "401": _UNAUTHORIZED,
                 "404": _error("no such product"),
+                "429": _RATE_LIMITED,
                 "503": _UNAVAILABLE,
             },
         }
@@ -108,9 +133,12 @@ def document() -> dict[str, Any]:
                             },
                         },
                     ],
+                    "security": _KEY_OPTIONAL,
                     "responses": {
                         "200": _json(_ref("ProductPage"), "the page", _X_CACHE),
                         "400": _error("page or limit out of range, or given twice"),
+                        "401": _UNAUTHORIZED,
+                        "429": _RATE_LIMITED,
                         "503": _UNAVAILABLE,
                     },
                 }
@@ -120,13 +148,14 @@ def document() -> dict[str, Any]:
             "/api/products/{id}/update-stock": {
                 "post": {
                     "summary": "Set the stock, or change it atomically by a delta",
+                    "security": _KEYED,
                     "parameters": [
                         _ID,
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
                             "description": "Retries with the same key and body replay the "
-                            "first answer (kept 24 hours)",
+                            "first answer (kept 24 hours); each API key has keys of its own",
                             "schema": {
                                 "type": "string",
                                 "minLength": 1,
@@ -150,6 +179,7 @@ def document() -> dict[str, Any]:
                             },
                         ),
                         "400": _error("bad id, body or Idempotency-Key"),
+                        "401": _UNAUTHORIZED,
                         "404": _error("no such product"),
                         "409": _json(
                             _ref("StockConflict"),
@@ -159,6 +189,7 @@ def document() -> dict[str, Any]:
                         "413": _error("body over 16 KiB"),
                         "415": _error("body not application/json"),
                         "422": _error("Idempotency-Key reused with a different request"),
+                        "429": _RATE_LIMITED,
                         "503": _UNAVAILABLE,
                     },
                 }
@@ -171,7 +202,8 @@ def document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: PostgreSQL answers (Redis is reported, not required)",
+                    "summary": "Readiness: PostgreSQL answers (Redis, the breaker, the pool and "
+                    "the outbox backlog are reported, not required)",
                     "responses": {
                         "200": _json(_ref("Ready"), "ready"),
                         "503": _json(_ref("Error"), "PostgreSQL not answering", _RETRY_AFTER),
@@ -185,7 +217,8 @@ def document() -> dict[str, Any]:
                         "200": {
                             "description": "metrics",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        "403": _error("the client's address is not in METRICS_ALLOW"),
                     },
                 }
             },
@@ -197,6 +230,14 @@ def document() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>; `flask --app faststock api-key "
+                    "create NAME` makes one",
+                }
+            },
             "schemas": {
                 "Product": {
                     "type": "object",
@@ -268,14 +309,38 @@ def document() -> dict[str, Any]:
                 },
                 "Ready": {
                     "type": "object",
-                    "required": ["status", "postgres", "redis"],
+                    "required": ["status", "postgres", "redis", "breaker", "pool", "outbox"],
                     "properties": {
                         "status": {"type": "string", "enum": ["ok"]},
                         "postgres": {"type": "string", "enum": ["ok"]},
                         "redis": {"type": "string", "enum": ["ok", "unavailable"]},
+                        "breaker": {
+                            "type": "object",
+                            "required": ["state", "openings"],
+                            "properties": {
+                                "state": {"type": "string", "enum": ["open", "closed"]},
+                                "openings": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "pool": {
+                            "type": "object",
+                            "required": ["size", "in_use", "waiters"],
+                            "properties": {
+                                "size": {"type": "integer", "minimum": 1},
+                                "in_use": {"type": "integer", "minimum": 0},
+                                "waiters": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "outbox": {
+                            "type": "object",
+                            "required": ["backlog"],
+                            "properties": {
+                                "backlog": {"type": "integer", "minimum": 0, "nullable": True}
+                            },
+                        },
                     },
                 },
-            }
+            },
         },
     }
 

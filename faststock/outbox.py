@@ -8,6 +8,13 @@ then writes the current rows into Redis (compare-and-set, so never over a newer 
 the records, and only after that lets requests read Redis again. It runs only while there is
 something to do (woken when the breaker opens or a write could not reach Redis), except in
 gunicorn workers, where it also sweeps once a second for records another process left behind.
+
+Under Redis Sentinel it also follows the master: every pass asks Sentinel which server is master,
+and a connection that met another master than the cache's wakes it. On a new master it opens
+the breaker and moves the cache to the new master's epoch (cache.py: fresh key names, so no
+entry the promoted replica kept from before the failover is read again), flushes this worker's
+near cache, and then recovers as from any outage: replays the outbox into the new master and
+only then closes the breaker.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from flask import Flask, current_app
 
@@ -44,6 +52,14 @@ class Keeper:
         self._pid = 0
         self._running = False
         self._forever = False
+        # Records left in cache_outbox after the last pass (None until counted): /readyz shows it.
+        self.backlog: int | None = None
+        self.on_backlog: Callable[[int], None] | None = None  # told of every count (metrics.py)
+        self.on_replayed: Callable[[int], None] | None = None  # told of rows written to Redis
+        # With read replicas (replicas.py): a record may be of a write that never raised Redis's
+        # replay mark (its write-through failed, or its WAL position could not be read), so each
+        # batch raises the mark past its records before any of them is deleted.
+        self.raise_replay_mark = False
 
     def start(self) -> None:
         """Keep running for the life of this process (each gunicorn worker does)."""
@@ -76,6 +92,7 @@ class Keeper:
                 except Exception:  # a surprise must not end the keeper: it would never come back
                     log.exception("outbox keeper pass failed")
                     ok = False
+                self._count_backlog()
                 idle = ok and self.cache.usable()
                 if idle and not self._forever:
                     with self._lock:
@@ -92,6 +109,10 @@ class Keeper:
 
     def _pass(self) -> bool:
         """One attempt: True when Redis has every pending write and may be read again."""
+        if self.cache.follow_master():
+            # A new master (Sentinel), with the breaker open: what this process holds came from
+            # the old one, which may also have carried announcements it never heard.
+            self.near.distrust()
         breaker = self.cache.breaker
         openings = breaker.openings
         if breaker.is_open and not self.cache.ping():
@@ -108,6 +129,19 @@ class Keeper:
         self.near.heartbeat()
         return True
 
+    def _count_backlog(self) -> None:
+        """Count what is still pending after a pass, Redis up or down: a backlog that keeps
+        growing is the sign an operator needs. Best effort; the last count stands meanwhile."""
+        try:
+            with db.standalone_transaction(self.pool) as cur:
+                backlog = queries.count_outbox(cur)
+        except Exception as exc:
+            log.debug("outbox backlog not counted: %s", exc)
+            return
+        self.backlog = backlog
+        if self.on_backlog is not None:
+            self.on_backlog(backlog)
+
     def replay(self) -> bool:
         """Make Redis hold every pending change; False if PostgreSQL or Redis failed.
 
@@ -123,8 +157,12 @@ class Keeper:
             try:
                 with db.standalone_transaction(self.pool) as cur:
                     pending = queries.pending_outbox(cur, BATCH)
+                    # Read after the records, in the same transaction: at or past their commits.
+                    mark = queries.wal_position(cur) if pending and self.raise_replay_mark else 0
                 if not pending:
                     return True
+                if mark:
+                    self.cache.store([], mark=mark)
                 ids = [pid for pid, _ in pending]
                 try:
                     held = self.cache.stored_versions(ids)
@@ -145,6 +183,8 @@ class Keeper:
                     rendered = [render(row) for row in rows]
                     entries = [(pid, version, entry) for pid, version, _, entry in rendered]
                     self.cache.store(entries, announce=True)
+                    if self.on_replayed is not None:
+                        self.on_replayed(len(entries))
                     self.near.changed(stale)
                     stored = {pid: version for pid, version, _ in entries}
                     # A record whose product is gone (a re-seed) has nothing left to replay.

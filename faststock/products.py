@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, request
 
-from . import db, queries, stock
+from . import auth, db, queries, replicas, stock
 from .cache import (
     BYPASS,
     HIT,
@@ -23,11 +23,10 @@ from .cache import (
     encode_page,
     entry_body,
     get_cache,
-    product_key,
     render,
 )
-from .errors import ApiError
-from .metrics import count_cache
+from .errors import HARDENED, ApiError
+from .metrics import NEAR_HIT, NEAR_MISS, NEAR_OFF, count_read
 from .nearcache import Token, get_near
 from .singleflight import get_flight
 from .validation import (
@@ -66,15 +65,15 @@ def _load(key: object, state: str, load: Callable[[], T]) -> tuple[T, bool]:
     """
     if state != MISS:
         return load(), False
-    # Waiters outlast the leader's own limits (its read, then its Redis fill), so they never give
-    # up on a load that is still allowed to succeed.
+    # Waiters outlast the leader's own limits (its read, a replica's try before it, then its
+    # Redis fill), so they never give up on a load that is still allowed to succeed.
     redis_timeout = current_app.config["FASTSTOCK"].redis_timeout_ms / 1000
-    return get_flight().do(key, load, db.read_deadline(db.get_pool()) + redis_timeout + 1)
+    limit = db.read_deadline(db.get_pool()) + replicas.added_seconds() + redis_timeout + 1
+    return get_flight().do(key, load, limit)
 
 
 def _load_product(cache: Cache, product_id: int, use_cache: bool) -> bytes | None:
-    with db.cursor() as cur:
-        row = queries.fetch_product(cur, product_id)
+    row = replicas.read(lambda cur: queries.fetch_product(cur, product_id), replica=use_cache)
     if row is None:
         if use_cache:
             cache.remember_missing(product_id)
@@ -107,16 +106,16 @@ def _product(product_id: int, endpoint: str) -> tuple[bytes, int, str]:
     if near.usable():
         hit = near.product(product_id)
         if hit is not None:
-            count_cache(endpoint, HIT)
+            count_read(endpoint, HIT, NEAR_HIT)
             return hit[0], hit[1], HIT
         token = near.begin(product_id)  # before Redis is read: a change after it drops the entry
     cache = get_cache()
-    state, raw = cache.get(product_key(product_id))
+    state, raw = cache.get_product(product_id)
     if raw is None:
         raw, _ = _load(
             ("p", product_id), state, lambda: _load_product(cache, product_id, state == MISS)
         )
-    count_cache(endpoint, state)
+    count_read(endpoint, state, NEAR_OFF if token is None else NEAR_MISS)
     entry = decode_entry(raw) if raw is not None else None
     if entry is None:
         raise _not_found(product_id, state)
@@ -139,8 +138,9 @@ def get_stock(raw_id: str) -> Response:
 
 
 def _page_from_db(cache: Cache, page: int, limit: int, use_cache: bool) -> tuple[list[bytes], bool]:
-    with db.cursor() as cur:
-        rows = queries.fetch_page(cur, limit + 1, (page - 1) * limit)
+    rows = replicas.read(
+        lambda cur: queries.fetch_page(cur, limit + 1, (page - 1) * limit), replica=use_cache
+    )
     has_next = len(rows) > limit
     rendered = [render(row) for row in rows[:limit]]
     if use_cache:
@@ -159,8 +159,7 @@ def _page_from_cache(
     ids, has_next = decode_page(stored)
     missing = [pid for pid, raw in zip(ids, entries, strict=True) if raw is None]
     if missing:
-        with db.cursor() as cur:
-            rows = queries.fetch_products(cur, missing)
+        rows = replicas.read(lambda cur: queries.fetch_products(cur, missing), replica=True)
         fresh = {pid: (version, entry) for pid, version, _, entry in map(render, rows)}
         if len(fresh) != len(missing):
             return None
@@ -198,7 +197,7 @@ def list_products() -> Response:
     if near.usable():
         found = near.page_items(page, limit)
         if found is not None:
-            count_cache("list", HIT)
+            count_read("list", HIT, NEAR_HIT)
             return _json(list_body(found[0], page, limit, found[1]), HIT)
         # Products are kept only with a stamp read before Redis is; the ids must be known first,
         # so a page's products join the near cache from its second read on.
@@ -218,7 +217,7 @@ def list_products() -> Response:
         )
         if shared:
             result = _after_shared_load(cache, page, limit)
-    count_cache("list", state)
+    count_read("list", state, NEAR_OFF if generation is None else NEAR_MISS)
     items, has_next = result
     if generation is not None and state == HIT:
         ids = decode_page(stored)[0]
@@ -261,8 +260,11 @@ def update_stock(raw_id: str) -> Response:
     body = parse_json_object(request.mimetype, _read_body())
     change = parse_stock_change(body)
     key = parse_idempotency_key(request.headers.getlist("Idempotency-Key"))
-    answer = stock.apply(product_id, change, key)
+    answer = stock.apply(product_id, change, key, auth.client())
     response = _json(answer.body, status=answer.status)
+    headers = response.headers
+    for name, value in HARDENED:
+        headers[name] = value
     if answer.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
     return response

@@ -1,13 +1,17 @@
 """Every SQL statement the service runs, each named for what it does.
 
 Parametrised only: values never reach SQL text. Rows come back as tuples in `PRODUCT_COLUMNS`
-order; the price is rendered by PostgreSQL as text so it keeps exactly its two decimals.
+order; the price is rendered by PostgreSQL as text so it keeps exactly its two decimals. Each
+function is timed under its own name when its cursor carries an observer (db.py's cursors carry
+their pool's, which metrics.py provides): the one place statement durations are measured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from psycopg2.extensions import cursor as Cursor
 
@@ -15,27 +19,78 @@ PRODUCT_COLUMNS = "id, name, price::text, stock, version, updated_at"
 
 ProductRow = tuple[int, str, str, int, int, Any]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+
+def statement(function: Callable[Concatenate[Cursor, P], R]) -> Callable[Concatenate[Cursor, P], R]:
+    """Time `function` (failures too) when its cursor has an observer; a getattr otherwise."""
+    name = function.__name__
+
+    @functools.wraps(function)
+    def timed(cur: Cursor, *args: P.args, **kwargs: P.kwargs) -> R:
+        observer = getattr(cur, "observer", None)
+        if observer is None:
+            return function(cur, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return function(cur, *args, **kwargs)
+        finally:
+            observer.statement_ran(name, time.perf_counter() - started)
+
+    return timed
+
+
+def local_statement_timeout(milliseconds: int) -> str:
+    """The text db.py puts in front of a statement that opens a transaction when DATABASE_URL
+    is a transaction pooler: the limit then holds for that transaction only, on whichever server
+    connection runs it, and costs no round trip of its own (one simple query, several
+    statements, one implicit transaction)."""
+    return f"SET LOCAL statement_timeout = {int(milliseconds)}; "
+
+
+@statement
 def ping(cur: Cursor) -> None:
     cur.execute("SELECT 1")
     cur.fetchone()
 
 
+@statement
 def fetch_product(cur: Cursor, product_id: int) -> ProductRow | None:
     cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = %s", (product_id,))
     return cur.fetchone()
 
 
+@statement
 def fetch_products(cur: Cursor, ids: Sequence[int]) -> list[ProductRow]:
     cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(%s)", (list(ids),))
     return cur.fetchall()
 
 
+@statement
 def fetch_page(cur: Cursor, limit: int, offset: int) -> list[ProductRow]:
     cur.execute(
         f"SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id LIMIT %s OFFSET %s", (limit, offset)
     )
     return cur.fetchall()
+
+
+@statement
+def wal_position(cur: Cursor) -> int:
+    """On the primary: where its WAL ends now, as a byte position. Read after a commit, it is at
+    or past that commit's record whatever `synchronous_commit` says (the insert position, not the
+    written or flushed one), so a replica that has replayed this far has the commit."""
+    cur.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+    return int(cur.fetchone()[0])
+
+
+@statement
+def replay_position(cur: Cursor) -> int | None:
+    """On a replica: how far it has replayed the primary's WAL (None: not a replica). Every
+    statement that starts after this one sees every commit up to there."""
+    cur.execute("SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")
+    value = cur.fetchone()[0]
+    return None if value is None else int(value)
 
 
 # Every stock change records its product in cache_outbox in the same statement, so the change
@@ -51,6 +106,7 @@ _CHANGE_WITH_OUTBOX = f"""
 """
 
 
+@statement
 def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
     cur.execute(
         _CHANGE_WITH_OUTBOX.format(
@@ -62,6 +118,7 @@ def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
     return cur.fetchone()
 
 
+@statement
 def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     """Atomically add `delta`; no row when the product is absent or the result leaves 0..2^31-1."""
     cur.execute(
@@ -76,6 +133,7 @@ def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     return cur.fetchone()
 
 
+@statement
 def fetch_stock(cur: Cursor, product_id: int) -> int | None:
     cur.execute("SELECT stock FROM products WHERE id = %s", (product_id,))
     row = cur.fetchone()
@@ -85,8 +143,10 @@ def fetch_stock(cur: Cursor, product_id: int) -> int | None:
 IDEMPOTENCY_TTL = "24 hours"
 
 
-def claim_idempotency_key(cur: Cursor, key: str, fingerprint: bytes) -> bool:
-    """Reserve `key` for this transaction; False when a live (under 24 h) record already has it.
+@statement
+def claim_idempotency_key(cur: Cursor, client: str, key: str, fingerprint: bytes) -> bool:
+    """Reserve `key` in `client`'s scope (an API key name; '' for anonymous writes) for this
+    transaction; False when a live (under 24 h) record already has it.
 
     A concurrent transaction holding the same key makes this wait until it commits (then False)
     or rolls back (then True). Each call also deletes a few expired keys, so the table stays
@@ -95,37 +155,45 @@ def claim_idempotency_key(cur: Cursor, key: str, fingerprint: bytes) -> bool:
     cur.execute(
         f"""
         WITH expired AS (
-            DELETE FROM idempotency_keys WHERE key IN (
-                SELECT key FROM idempotency_keys
-                WHERE created_at < now() - interval '{IDEMPOTENCY_TTL}' AND key <> %(key)s
+            DELETE FROM idempotency_keys WHERE (client, key) IN (
+                SELECT client, key FROM idempotency_keys
+                WHERE created_at < now() - interval '{IDEMPOTENCY_TTL}'
+                    AND (client, key) <> (%(client)s, %(key)s)
                 ORDER BY created_at LIMIT 20 FOR UPDATE SKIP LOCKED
             )
         )
-        INSERT INTO idempotency_keys AS k (key, fingerprint, status, body)
-        VALUES (%(key)s, %(fingerprint)s, 0, '')
-        ON CONFLICT (key) DO UPDATE
+        INSERT INTO idempotency_keys AS k (client, key, fingerprint, status, body)
+        VALUES (%(client)s, %(key)s, %(fingerprint)s, 0, '')
+        ON CONFLICT (client, key) DO UPDATE
             SET fingerprint = EXCLUDED.fingerprint, status = 0, body = '', created_at = now()
             WHERE k.created_at < now() - interval '{IDEMPOTENCY_TTL}'
         RETURNING 1
         """,
-        {"key": key, "fingerprint": fingerprint},
+        {"client": client, "key": key, "fingerprint": fingerprint},
     )
     return cur.fetchone() is not None
 
 
-def fetch_idempotency_record(cur: Cursor, key: str) -> tuple[bytes, int, bytes] | None:
-    """(fingerprint, status, body) stored for `key`."""
-    cur.execute("SELECT fingerprint, status, body FROM idempotency_keys WHERE key = %s", (key,))
+@statement
+def fetch_idempotency_record(cur: Cursor, client: str, key: str) -> tuple[bytes, int, bytes] | None:
+    """(fingerprint, status, body) stored for `key` in `client`'s scope."""
+    cur.execute(
+        "SELECT fingerprint, status, body FROM idempotency_keys WHERE client = %s AND key = %s",
+        (client, key),
+    )
     row = cur.fetchone()
     return None if row is None else (bytes(row[0]), row[1], bytes(row[2]))
 
 
-def store_idempotent_answer(cur: Cursor, key: str, status: int, body: bytes) -> None:
+@statement
+def store_idempotent_answer(cur: Cursor, client: str, key: str, status: int, body: bytes) -> None:
     cur.execute(
-        "UPDATE idempotency_keys SET status = %s, body = %s WHERE key = %s", (status, body, key)
+        "UPDATE idempotency_keys SET status = %s, body = %s WHERE client = %s AND key = %s",
+        (status, body, client, key),
     )
 
 
+@statement
 def pending_outbox(cur: Cursor, limit: int) -> list[tuple[int, int]]:
     """Up to `limit` (product id, version) records of changes Redis may not hold yet. No lock is
     taken: the keeper talks to Redis between this and `outbox_replayed`, and a lock held across
@@ -136,6 +204,14 @@ def pending_outbox(cur: Cursor, limit: int) -> list[tuple[int, int]]:
     return cur.fetchall()
 
 
+@statement
+def count_outbox(cur: Cursor) -> int:
+    """Records in cache_outbox: changes Redis may not hold yet (the keeper's backlog)."""
+    cur.execute("SELECT count(*) FROM cache_outbox")
+    return cur.fetchone()[0]
+
+
+@statement
 def outbox_replayed(cur: Cursor, ids: Sequence[int], versions: Sequence[int]) -> None:
     """Redis holds `versions[i]` (or newer) of `ids[i]`: drop their records, except where a
     change committed since has noted a newer version."""
@@ -146,30 +222,36 @@ def outbox_replayed(cur: Cursor, ids: Sequence[int], versions: Sequence[int]) ->
     )
 
 
+@statement
 def count_products(cur: Cursor) -> int:
     cur.execute("SELECT count(*) FROM products")
     return cur.fetchone()[0]
 
 
+@statement
 def lock_products(cur: Cursor) -> None:
     """Serialises seeders: two concurrent `seed` runs must not both insert the same ids."""
     cur.execute("LOCK TABLE products IN SHARE ROW EXCLUSIVE MODE")
 
 
+@statement
 def truncate_products(cur: Cursor) -> None:
     cur.execute("TRUNCATE products, idempotency_keys, cache_outbox RESTART IDENTITY")
 
 
+@statement
 def create_seed_staging(cur: Cursor) -> None:
     cur.execute("CREATE TEMP TABLE seed_products (LIKE products INCLUDING DEFAULTS) ON COMMIT DROP")
 
 
+@statement
 def next_version(cur: Cursor) -> int:
     """A version newer than every one handed out before (one per seed, shared by its rows)."""
     cur.execute("SELECT nextval('product_versions')")
     return cur.fetchone()[0]
 
 
+@statement
 def copy_products(cur: Cursor, data: Any, table: str = "products") -> None:
     """COPY rows of `id, name, price, stock, version` (tab-separated text) into `table`."""
     if table not in ("products", "seed_products"):
@@ -177,6 +259,7 @@ def copy_products(cur: Cursor, data: Any, table: str = "products") -> None:
     cur.copy_expert(f"COPY {table} (id, name, price, stock, version) FROM STDIN", data)
 
 
+@statement
 def merge_seed_staging(cur: Cursor) -> int:
     cur.execute(
         "INSERT INTO products (id, name, price, stock, version) "
@@ -185,6 +268,7 @@ def merge_seed_staging(cur: Cursor) -> int:
     return cur.rowcount
 
 
+@statement
 def sync_id_sequence(cur: Cursor) -> None:
     """Explicit ids bypass the identity sequence; move it past them so later inserts don't clash."""
     cur.execute(

@@ -21,15 +21,35 @@ FROM (SELECT max(version) AS m FROM products) AS t
 WHERE m > (SELECT last_value FROM product_versions);
 
 -- Answers to requests sent with an Idempotency-Key, stored in the same transaction as the change
--- they describe, so a retry replays the answer instead of applying the change again.
+-- they describe, so a retry replays the answer instead of applying the change again. A key is
+-- scoped by the client that sent it (Stripe's rule): `client` is the API key's name, '' for
+-- anonymous writes, so two clients using the same key never see each other's answers.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
-    key         text        PRIMARY KEY,
+    client      text        NOT NULL DEFAULT '',
+    key         text        NOT NULL,
     fingerprint bytea       NOT NULL,
     status      smallint    NOT NULL,
     body        bytea       NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (client, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx ON idempotency_keys (created_at);
+-- Databases made before keys were scoped (primary key (key) alone): their records become
+-- anonymous ones, client '', and go on replaying for anonymous writers until they expire. The
+-- new primary key is built under this transaction's lock; the table holds 24 hours of keys.
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS client text NOT NULL DEFAULT '';
+DO $$
+DECLARE
+    old_key name;
+BEGIN
+    SELECT conname INTO old_key FROM pg_constraint
+    WHERE conrelid = 'idempotency_keys'::regclass AND contype = 'p' AND array_length(conkey, 1) = 1;
+    IF old_key IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE idempotency_keys DROP CONSTRAINT %I', old_key);
+        ALTER TABLE idempotency_keys ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (client, key);
+    END IF;
+END
+$$;
 
 -- Products whose cache entry may be out of date: written in the same statement as each stock
 -- change, removed once Redis holds the new row. Whatever is left after a Redis outage (or a

@@ -40,10 +40,13 @@ def _chunks(first: int, last: int, version: int) -> Iterator[tuple[int, io.Strin
 
 def seed(config: Config, products: int, *, reset: bool = False, if_empty: bool = False) -> int:
     """Make products 1..`products` exist; returns how many rows were inserted."""
-    conn = connect(config.database_url, statement_timeout_ms=0, timeout=10)
+    conn = connect(
+        config.database_url, statement_timeout_ms=0, timeout=10, pooled=config.behind_pooler
+    )
     try:
         with conn.cursor() as cur:
-            cur.execute("BEGIN")
+            # No limit, through a transaction pooler too (DATABASE_POOLER): COPY takes its time.
+            cur.execute(queries.local_statement_timeout(0) + "BEGIN")
             queries.lock_products(cur)
             if reset:
                 queries.truncate_products(cur)

@@ -15,13 +15,23 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import db, queries, shared
+from . import db, queries, replicas, shared
 from .cache import get_cache, render
 from .errors import ApiError, Unavailable, error_body
+from .metrics import count_stock_change, count_write_invalidation
 from .outbox import get_keeper
 from .validation import INT32_MAX, Change
 
 log = logging.getLogger("faststock.stock")
+
+
+# What an answer's error code means for the stock-change metric; no code: applied.
+_OUTCOMES = {
+    None: "applied",
+    "not_found": "not_found",
+    "insufficient_stock": "insufficient",
+    "stock_out_of_range": "out_of_range",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,12 @@ class Answer:
     status: int
     body: bytes
     replayed: bool = False
+    code: str | None = None  # the error code of a refused change
+
+    @property
+    def outcome(self) -> str:
+        """The change's outcome as metrics.py counts it."""
+        return "replayed" if self.replayed else _OUTCOMES[self.code]
 
 
 def fingerprint(product_id: int, change: Change) -> bytes:
@@ -43,7 +59,7 @@ def _ok(product_id: int, stock: int) -> Answer:
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> Answer:
-    return Answer(status, error_body(code, message, extra))
+    return Answer(status, error_body(code, message, extra), code=code)
 
 
 def _run(
@@ -67,14 +83,28 @@ def _run(
     return _error(409, "stock_out_of_range", message, stock=current), None
 
 
-def apply(product_id: int, change: Change, key: str | None) -> Answer:
-    """Apply `change` once; with a key, a repeat of the same request replays the first answer."""
+def apply(product_id: int, change: Change, key: str | None, client: str = "") -> Answer:
+    """Apply `change` once; with a key, a repeat of the same request replays the first answer.
+    Keys are `client`'s own (an API key's name, '' for anonymous writes): another client's use
+    of the same key is another request."""
+    kind = "delta" if change.delta else "set"
+    try:
+        answer = _apply(product_id, change, key, client)
+    except ApiError as exc:
+        if exc.code == "idempotency_key_reused":
+            count_stock_change(kind, "key_reused")
+        raise
+    count_stock_change(kind, answer.outcome)
+    return answer
+
+
+def _apply(product_id: int, change: Change, key: str | None, client: str) -> Answer:
     if key is None:
         # One UPDATE statement is atomic on its own: autocommit saves BEGIN/COMMIT round trips.
         with db.cursor() as cur:
             answer, row = _run(cur, product_id, change)
     else:
-        answer, row = _apply_once(product_id, change, key)
+        answer, row = _apply_once(product_id, change, key, client)
         if answer.replayed and 200 <= answer.status < 300:
             row = _current_row(product_id)
     if row is not None:
@@ -103,30 +133,37 @@ def _write_through(row: queries.ProductRow) -> None:
     and must be acknowledged. Only a cache update that did not happen makes the host bypass
     Redis; a write whose update succeeded leaves Redis trusted, so cached reads go on answering
     through a PostgreSQL outage.
+
+    With read replicas the same call raises the replay mark past this commit (replicas.py), so
+    no miss reads a replica that lacks it; a mark that could not be read counts as an update
+    that did not happen.
     """
     keeper = get_keeper()
     product_id = row[0]
     try:
         product_id, version, _, entry = render(row)
-        if get_cache().fill([(product_id, version, entry)], announce=True) is None:
+        mark = replicas.written_position()
+        stored = get_cache().fill([(product_id, version, entry)], announce=True, mark=mark)
+        if stored is None or (mark is None and replicas.enabled()):
             keeper.write_missed()
     except Exception:
         log.exception("cache update after a committed change failed")
         keeper.write_missed()
     finally:
         shared.changed(product_id)
+        count_write_invalidation()
 
 
 def _apply_once(
-    product_id: int, change: Change, key: str
+    product_id: int, change: Change, key: str, client: str
 ) -> tuple[Answer, queries.ProductRow | None]:
     mark = fingerprint(product_id, change)
     with db.transaction() as cur:
-        if queries.claim_idempotency_key(cur, key, mark):
+        if queries.claim_idempotency_key(cur, client, key, mark):
             answer, row = _run(cur, product_id, change)
-            queries.store_idempotent_answer(cur, key, answer.status, answer.body)
+            queries.store_idempotent_answer(cur, client, key, answer.status, answer.body)
             return answer, row
-        stored = queries.fetch_idempotency_record(cur, key)
+        stored = queries.fetch_idempotency_record(cur, client, key)
     if stored is None:
         # The record expired and was collected between our two statements: rare, safe to retry.
         raise ApiError(409, "idempotency_in_progress", "this key is being processed; retry")

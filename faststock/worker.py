@@ -14,7 +14,10 @@
    sending; then the connection is closed. The worker exits once its connections are done, or at
    the graceful timeout; a second Ctrl-C exits at once.
 2. Requests gunicorn rejects itself (request line over 4094 bytes, oversized or malformed headers,
-   a broken chunked body) are answered with the API's JSON error shape instead of an HTML page.
+   a broken chunked body) are answered with the API's JSON error shape instead of an HTML page,
+   with the headers every error carries (errors.HARDENED).
+3. No `Server` header: gunicorn 27 sends `Server: gunicorn` on every answer and has no setting to
+   drop it; telling the world which server (and so which bugs) answers helps only an attacker.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import gevent.event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
-from .errors import code_for_status, error_body
+from .errors import HARDENED, code_for_status, error_body
 
 # Seconds a connection waiting for a request is kept once the worker stops. A client that sends
 # requests back to back sends its next one well within this; an idle one is closed after it.
@@ -165,13 +169,26 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
         status_int, reason = 400, "Bad Request"
     code = code_for_status(status_int)
     body = error_body(code, mesg or reason)
+    hardened = "".join(f"{name}: {value}\r\n" for name, value in HARDENED)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{hardened}\r\n"
     )
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class Response(wsgi.Response):
+    """gunicorn's HTTP/1 response without its `Server: gunicorn` line."""
+
+    def default_headers(self) -> list[str]:
+        headers = super().default_headers()
+        if headers[1].startswith("Server:"):
+            del headers[1]
+        return headers
+
+
 def install() -> None:
-    """Route gunicorn's own error pages through `write_json_error` (called in the master)."""
+    """Route gunicorn's own error pages through `write_json_error`, and its answers through
+    `Response` (called in the master; the workers inherit both)."""
     util.write_error = write_json_error
+    wsgi.Response = Response

@@ -5,7 +5,7 @@ Imported in each worker after fork (no `--preload`), so pools and sockets are bo
 
 import sys
 
-from . import create_app
+from . import create_app, metrics
 from .config import ConfigError
 from .outbox import get_keeper
 
@@ -18,3 +18,5 @@ except ConfigError as exc:
 # For the life of the worker: replays the cache outbox (including what a previous process left
 # pending) and closes the Redis breaker once Redis answers again.
 get_keeper(app).start()
+# This worker's gauges (process, breaker, near cache) stay fresh between scrapes.
+metrics.start(app)

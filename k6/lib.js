@@ -6,7 +6,9 @@
 //   BASE_URL (http://127.0.0.1:8000), VUS (200), DURATION (30s), PRODUCTS (10000: ids 1..N exist),
 //   P95_MS (2000: the p(95) latency threshold), SUMMARY (path of the JSON summary; none if unset),
 //   RAW (1: the server is scripts/rawref.py, scripts/bench's raw WSGI reference, which answers
-//   every request with one constant body: reads are then checked for their status only).
+//   every request with one constant body: reads are then checked for their status only),
+//   API_KEY (none: no Authorization header; else sent as `Authorization: Bearer API_KEY` with
+//   every read and write, for a server with API_KEYS, or READS_REQUIRE_KEY=1 for reads).
 import http from 'k6/http';
 import { Counter } from 'k6/metrics';
 
@@ -18,6 +20,9 @@ export const P95_MS = parseFloat(__ENV.P95_MS || '2000');
 export const LIMIT = 10;
 export const PAGES = Math.max(1, Math.floor(PRODUCTS / LIMIT));
 export const RAW = __ENV.RAW === '1';
+export const API_KEY = __ENV.API_KEY || '';
+// The headers every request carries: the API key's, if one is given.
+export const AUTH = API_KEY ? { Authorization: `Bearer ${API_KEY}` } : {};
 
 // Request names (the `name` tag), so that ids and pages do not make a series each.
 export const PRODUCT = 'GET /api/products/:id';
@@ -37,7 +42,7 @@ const PATHS = {
 // read(NAME, tags): GET the read endpoint NAME (PRODUCT, STOCK or LIST) on a random product or
 // page.
 export function read(name, tags = {}) {
-  return http.get(`${BASE_URL}${PATHS[name]()}`, { tags: { name, ...tags } });
+  return http.get(`${BASE_URL}${PATHS[name]()}`, { headers: AUTH, tags: { name, ...tags } });
 }
 
 // 409 insufficient_stock answers: expected outcomes of the scripts that write, counted apart.
@@ -46,7 +51,7 @@ const insufficientStock = new Counter('insufficient_stock');
 // updateStock(id, body, params): POST body (an object, sent as JSON) to .../update-stock.
 export function updateStock(id, body, { headers = {}, ...params } = {}) {
   const res = http.post(`${BASE_URL}/api/products/${id}/update-stock`, JSON.stringify(body), {
-    headers: { 'Content-Type': 'application/json', ...headers },
+    headers: { 'Content-Type': 'application/json', ...AUTH, ...headers },
     tags: { name: WRITE },
     ...params,
   });

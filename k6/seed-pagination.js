@@ -6,7 +6,7 @@
 // P95_MS (latency threshold, default 2000), RAW=1.
 import http from 'k6/http';
 import { check, sleep } from 'k6';
-import { BASE_URL, LIMIT, LIST, OK_CACHED, commonOptions, report } from './lib.js';
+import { AUTH, BASE_URL, LIMIT, LIST, OK_CACHED, commonOptions, report } from './lib.js';
 
 const VUS = parseInt(__ENV.VUS || '200', 10);
 const DURATION = __ENV.DURATION || '30s';
@@ -18,6 +18,7 @@ export const options = commonOptions({ vus: VUS, duration: DURATION });
 export default function () {
   const page = 1 + Math.floor(Math.random() * PAGES);
   const res = http.get(`${BASE_URL}/api/products?page=${page}&limit=${LIMIT}`, {
+    headers: AUTH,
     tags: { name: LIST },
   });
   check(res, OK_CACHED);

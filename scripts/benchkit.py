@@ -12,10 +12,16 @@ summaries, without a server or k6. scripts/bench runs it from the project root a
     check-config                    the app's settings, refused in one line before anything starts
     wait BASE_URL SECONDS PID       /healthz, then /readyz, answer 200 while gunicorn PID lives
     cache BASE_URL FILE             the read endpoints' cache outcome counters, from /metrics
+    cpu PID FILE                    the CPU seconds gunicorn PID and its workers have used
     healthy BASE_URL PRODUCTS FILE  /healthz and one product read each answer 200 within 2 s
     cache-back BASE_URL SECONDS     20 reads in a row answer without X-Cache: BYPASS
-    plan ROUNDS RAW WARMUP NAME ... the runs in order, one a line: KIND ID NAME GROUP ROUND SCRIPT
-                                    (KIND warmup, raw or run; RAW and WARMUP 0 or 1)
+    plan [--ab] ROUNDS RAW WARMUP NAME ...
+                                    the runs in order, one a line: KIND ID NAME GROUP ROUND SCRIPT
+                                    (KIND warmup, raw or run; RAW and WARMUP 0 or 1; --ab adds the
+                                    A/B variant's runs, named NAME+ab)
+    ab-settings TEXT                BENCH_AB's NAME=VALUE words, checked, one a line
+    metrics BASE_URL                1 if the app's settings serve /metrics, else 0; exits 1 if
+                                    the server at BASE_URL says otherwise (404 or 200)
     pgbench-script FILE PRODUCTS    pgbench's script: the service's own delta UPDATE (add_stock)
     pgbench-summary LOG FILE        pgbench's output as a summary in k6/lib.js's shape
     meta FILE KEY=VALUE ...         what the run was (mode, settings) and the machine it ran on
@@ -75,6 +81,16 @@ RAW_OF |= {"seed-stock": "raw-seed-stock", "seed-pagination": "raw-seed-paginati
 PGBENCH = "pgbench"
 ROUNDED = {*RAW_OF, PGBENCH}
 
+# The A/B variant (BENCH_AB): a second gunicorn of the app with a few settings changed, run in the
+# same rounds as the app, right after it or right before it, alternately. Its runs are named after
+# the script with this suffix (product+ab; files product+ab.product.2.json), its rows after the
+# script and its settings ("product [METRICS=0]"). Only the scripts with a raw reference have one:
+# pgbench does not touch the app, and the resilience scripts stop the Redis both share.
+AB = "+ab"
+# Settings a variant may not change: it shares the bench's servers and has an address of its own.
+AB_FIXED = ("DATABASE_URL", "DATABASE_REPLICA_URLS", "REDIS_URL", "REDIS_SENTINELS")
+AB_FIXED += ("REDIS_SENTINEL_MASTER", "HOST", "PORT")
+
 # Issue 9's targets, met in one `scripts/bench --pin compare` run: one worker, 50 VUs without think
 # time for the reads and the deltas (pgbench at as many clients), the seed's pagination scenario as
 # its README gives it.
@@ -130,7 +146,18 @@ def parse_id(run: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
-def plan(names: Sequence[str], rounds: int, with_raw: bool, warmup: bool = True) -> list[Step]:
+def base_name(name: str) -> str:
+    """The script an A/B variant's run sends ("product" for "product+ab"); other names unchanged."""
+    return name.removesuffix(AB)
+
+
+def is_variant(name: str) -> bool:
+    return name.endswith(AB)
+
+
+def plan(
+    names: Sequence[str], rounds: int, with_raw: bool, warmup: bool = True, ab: bool = False
+) -> list[Step]:
     """The runs of one invocation, in order. A throughput script runs `rounds` times, each right
     after a run of its raw reference (raw, product, raw, product, ...): on a shared machine the
     reference's own throughput drifts by tens of per cent within a minute, so each round's ratio
@@ -138,23 +165,32 @@ def plan(names: Sequence[str], rounds: int, with_raw: bool, warmup: bool = True)
     Deltas and pgbench share their rounds (raw, deltas, pgbench, ...) for the composed limit.
     A warm-up of the script comes before its first round (none for pgbench: it has no cache to
     fill), so that the first round's raw run stays next to the first measured one. Resilience
-    scripts run once. A name given twice runs once."""
+    scripts run once. A name given twice runs once.
+
+    With `ab`, each script with a raw reference also runs against the A/B variant (NAME+ab) in
+    the same rounds: after the app in odd rounds, before it in even ones (raw, product,
+    product+ab, raw, product+ab, product, ...), so that neither always runs first, after the
+    reference, with whatever that leaves behind (a warmer CPU cache, a busier host). Each
+    gunicorn has near caches of its own to fill: the variant gets its own warm-up, after the
+    app's."""
     wanted = list(dict.fromkeys(names))
     steps: list[Step] = []
     for group in wanted:
         if group == PGBENCH and "deltas" in wanted:
             continue  # in the deltas' rounds
+        pair = [group, group + AB] if ab and group in RAW_OF else [group]
         if warmup and group != PGBENCH:
-            steps.append(Step("warmup", "-", group, group, 0, group))
+            steps += [Step("warmup", "-", name, group, 0, group) for name in pair]
         if group not in ROUNDED:
             steps.append(Step("run", group, group, group, 0, group))
             continue
-        members = [group] + ([PGBENCH] if group == "deltas" and PGBENCH in wanted else [])
+        extra = [PGBENCH] if group == "deltas" and PGBENCH in wanted else []
         reference = [RAW_OF[group]] if with_raw and group in RAW_OF else []
         for r in range(1, rounds + 1):
+            members = (pair if r % 2 else pair[::-1]) + extra
             for name in reference + members:
                 kind, script = ("raw", RAW_SCRIPT[name]) if name in RAW_SCRIPT else ("run", name)
-                script = "-" if name == PGBENCH else script
+                script = "-" if name == PGBENCH else base_name(script)
                 steps.append(Step(kind, run_id(name, group, r), name, group, r, script))
     return steps
 
@@ -182,6 +218,61 @@ def check_config() -> None:
     from faststock.config import from_env_or_exit
 
     from_env_or_exit()
+
+
+def ab_settings(text: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """BENCH_AB's settings (NAME=VALUE words, "METRICS=0 FAST_LANE=0"), checked as the variant's
+    gunicorn would read them on top of `environ`, so that a typo stops scripts/bench before
+    anything starts rather than making a variant identical to the app (METRIC=0 would)."""
+    from faststock.config import Config, ConfigError
+
+    settings: dict[str, str] = {}
+    names = Config().env_names
+    for word in text.split():
+        name, sep, value = word.partition("=")
+        if not sep or not value:
+            raise BenchError(f'BENCH_AB: {word!r} is not NAME=VALUE (e.g. BENCH_AB="METRICS=0")')
+        if name not in names:
+            raise BenchError(
+                f"BENCH_AB: {name} is not a setting of the app (README: Settings; "
+                "faststock/config.py)"
+            )
+        if name in AB_FIXED:
+            raise BenchError(f"BENCH_AB: {name} is the bench's own: the variant keeps it")
+        if name in settings:
+            raise BenchError(f"BENCH_AB: {name} is given twice")
+        settings[name] = value
+    if not settings:
+        raise BenchError('BENCH_AB has no setting (e.g. BENCH_AB="METRICS=0")')
+    try:
+        Config.from_env({**environ, **settings})
+    except ConfigError as exc:
+        raise BenchError(f"faststock: configuration error: BENCH_AB: {exc}") from None
+    return settings
+
+
+def ab_label(settings: str) -> str:
+    """How the report names the variant: its settings as BENCH_AB gave them, or "B"."""
+    return " ".join(settings.split()) or "B"
+
+
+def metrics_served(base: str) -> bool:
+    """Whether the app's settings (this process's environment) serve /metrics, checked against
+    the server at `base`: the report must not read counters a METRICS=0 server has not got, and
+    an A/B variant that did not get its settings would compare the app with itself."""
+    from faststock.config import Config
+
+    served = Config.from_env().metrics
+    try:
+        status = get(base + "/metrics")[0]
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError as exc:
+        raise BenchError(f"{base}/metrics: {exc}") from None
+    if status != (200 if served else 404):
+        setting = "on" if served else "off"
+        raise BenchError(f"{base}/metrics answered {status} with metrics {setting} (METRICS)")
+    return served
 
 
 def process_state(pid: int) -> str:
@@ -229,6 +320,28 @@ def save_cache_counts(base: str, path: Path) -> None:
         log(f"could not read /metrics: {exc}")
         text = ""
     path.write_text(json.dumps(cache_counts(text)))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time that process `pid` and its children (a gunicorn master and its
+    workers) have used so far. A run's share of it, per request, is what a request costs the
+    server whatever else the shared machine does: req/s also moves with whoever else has the
+    CPU, this much less."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(stat_path: Path) -> list[str] | None:
+        try:
+            return stat_path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None  # gone meanwhile, or not a process
+
+    total = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        f = fields(stat_path)
+        # after the name: state, ppid, ..., utime and stime are the 12th and 13th
+        if f is not None and (stat_path.parent.name == str(pid) or f[1] == str(pid)):
+            total += int(f[11]) + int(f[12])
+    return total / tick
 
 
 def check_health(base: str, products: int, path: Path) -> bool:
@@ -438,9 +551,10 @@ def chart_title(meta: Mapping[str, Any]) -> str:
         f", {k}={v}" for k, v in meta.get("settings", {}).items() if k != "WEB_CONCURRENCY"
     )
     label = f", {meta['label']}" if meta.get("label") else ""
+    ab = f", A/B against {meta['ab']}" if meta.get("ab") else ""
     m = meta.get("machine", {})
     return (
-        f"FastStock against the raw WSGI reference: {mode}, {workers}{settings}{label}\n"
+        f"FastStock against the raw WSGI reference: {mode}, {workers}{settings}{ab}{label}\n"
         f"{meta.get('date', '?')}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores"
     )
 
@@ -460,6 +574,8 @@ def describe(meta: Mapping[str, Any], md: bool = False) -> list[str]:
         mode = f"not pinned: {gunicorn}, k6 on the same cores"
     settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items()) or "defaults"
     label = f"; label: {meta['label']}" if meta.get("label") else ""
+    if meta.get("ab"):
+        label = f"; A/B variant: {meta['ab']}{label}"
     products = f"; {meta['products']} products" if meta.get("products") else ""
     command = meta.get("command", "scripts/bench")
     command = f"`{command}`" if md else command
@@ -492,6 +608,16 @@ class Run:
     events: list[list[str]] = field(default_factory=list)  # ["stopped", "3125"]: Redis, ms after t0
     group: str = ""  # the script whose rounds it belongs to; "" for its own
     round: int = 0  # 1..ROUNDS; 0 for a script run once
+    cpu_before: float | None = None  # CPU seconds of its server (master and workers) before
+    cpu_after: float | None = None  # and after the run
+
+    @property
+    def cpu_ms(self) -> float | None:
+        """The server's CPU milliseconds per request in this run."""
+        requests = (self.summary or {}).get("requests")
+        if self.cpu_before is None or self.cpu_after is None or not requests:
+            return None
+        return 1000 * (self.cpu_after - self.cpu_before) / requests
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -519,6 +645,13 @@ class Series:
     scenario_ratios: Mapping[str, tuple[float | None, ...]] = field(default_factory=dict)
     limits: tuple[Limit, ...] = ()  # deltas: per round, with raw and pgbench of that round
     of_limits: tuple[float | None, ...] = ()  # deltas: per round, req/s / its round's limit
+    label: str = ""  # its rows' name: the script's, or "product [METRICS=0]" for a variant
+    costs: tuple[float | None, ...] = ()  # per round: the A/B variant's req/s / this one's - 1
+    cpu_costs: tuple[float | None, ...] = ()  # per round: CPU per request / the variant's - 1
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -583,6 +716,27 @@ def ratio(x: float | None, ref: float | None) -> float | None:
     return None if x is None or not ref else x / ref
 
 
+def cost(app: float | None, variant: float | None) -> float | None:
+    """What a request costs the app beyond what it costs the variant, as a share of the
+    variant's, from their req/s: variant / app - 1. Both serve the same load on the same cores,
+    so req/s is the inverse of the time a request takes: 0.05 is 5% more time per request (and
+    the app answers 1 - 1/1.05, 4.8%, fewer requests a second). From CPU time per request, which
+    grows with the cost, the arguments swap: cost(variant's, app's)."""
+    r = ratio(variant, app)
+    return None if r is None else r - 1
+
+
+def percent_spread(values: Sequence[float | None]) -> str:
+    """A cost cell, as spread() makes a ratio's: "2.1% (1.5, 2.1, 3.0)"."""
+    mid = median(values)
+    if mid is None:
+        return "-"
+    text = f"{100 * mid:.1f}%"
+    if len(values) < 2:
+        return text
+    return f"{text} ({', '.join(num(None if v is None else 100 * v, 1) for v in values)})"
+
+
 def composed_limit(raw_rps: float | None, pgbench_tps: float | None) -> float | None:
     """The most a write can reach if it costs one raw HTTP answer plus one pgbench transaction,
     paid one after the other: 1 / (1/raw + 1/pgbench)."""
@@ -635,10 +789,13 @@ def merged(summaries: Sequence[Summary]) -> Summary | None:
     return out
 
 
-def measure(runs: Sequence[Run]) -> dict[str, Series]:
+def measure(runs: Sequence[Run], variant: str = "B") -> dict[str, Series]:
     """The runs gathered into a Series per script, in the order each script first ran, each
-    round's ratios taken against the runs of the same group and round (the adjacent ones)."""
+    round's ratios taken against the runs of the same group and round (the adjacent ones); an
+    A/B variant's series is labelled with `variant` (its settings), and the app's has the cost of
+    each round against the variant's run of that round."""
     index = {run.key: run.summary for run in runs}
+    cpu_of = {run.key: run.cpu_ms for run in runs}
     by_name: dict[str, list[Run]] = {}
     for run in runs:
         by_name.setdefault(run.name, []).append(run)
@@ -652,7 +809,7 @@ def measure(runs: Sequence[Run]) -> dict[str, Series]:
         summary = merged([r.summary for r in own if r.summary is not None])
         ratios: tuple[float | None, ...] = ()
         scenario_ratios: dict[str, tuple[float | None, ...]] = {}
-        ref_name = RAW_OF.get(name)
+        ref_name = RAW_OF.get(base_name(name))
         refs = [rps(partner(r, ref_name)) for r in own] if ref_name else []
         if any(refs):  # without a reference in any round there is nothing to compare with
             ratios = tuple(ratio(rps(r.summary), x) for r, x in zip(own, refs, strict=True))
@@ -672,7 +829,28 @@ def measure(runs: Sequence[Run]) -> dict[str, Series]:
                 )
             else:
                 limits = ()
-        found[name] = Series(name, tuple(own), summary, ratios, scenario_ratios, limits, of_limits)
+        costs: tuple[float | None, ...] = ()
+        cpu_costs: tuple[float | None, ...] = ()
+        if name + AB in by_name:
+            costs = tuple(cost(rps(r.summary), rps(partner(r, name + AB))) for r in own)
+            cpu_costs = tuple(
+                cost(cpu_of.get((name + AB, r.group or name, r.round)), r.cpu_ms) for r in own
+            )
+            if all(c is None for c in cpu_costs):
+                cpu_costs = ()
+        label = f"{base_name(name)} [{variant}]" if is_variant(name) else name
+        found[name] = Series(
+            name,
+            tuple(own),
+            summary,
+            ratios,
+            scenario_ratios,
+            limits,
+            of_limits,
+            label,
+            costs,
+            cpu_costs,
+        )
     return found
 
 
@@ -702,7 +880,7 @@ def table_row(label: str, s: Summary, hit: str, result: str, x: str = "-", runs:
 def series_report(series: Series) -> tuple[list[Row], list[str], dict[str, float | None]]:
     """The rows and notes of one script's runs, and its outage p95 by name (nothing unless it has
     phases): the 2x criterion compares redis-outage's with redis-down's, run apart."""
-    name, summary, runs = series.name, series.summary, series.runs
+    name, summary, runs = series.shown, series.summary, series.runs
     rows: list[Row] = []
     notes: list[str] = []
     counted: dict[str, float] = {}  # the runs' cache outcomes: each run's difference, summed
@@ -752,7 +930,7 @@ def series_report(series: Series) -> tuple[list[Row], list[str], dict[str, float
     failed = f"failed requests {summary['failed_requests']} of {summary['requests']}"
     if summary["outage"]["down"]:
         notes.append(f"{name}: p95 {ms(outage_p95)} with Redis down throughout; {failed}")
-        return rows, notes, {name: outage_p95}
+        return rows, notes, {series.name: outage_p95}
     events = runs[-1].events
     redis = ", ".join(f"{k} at +{int(v) / 1000:.2f} s" for k, v in events) or "never stopped"
     during = " / ".join(f"{p} {ms(phases[p]['p95_ms'])}" for p in ("before", "outage", "after"))
@@ -763,7 +941,7 @@ def series_report(series: Series) -> tuple[list[Row], list[str], dict[str, float
         f"{name}: p95 {during}; {failed}; first HIT after restore: {resumed_text} "
         f"(outage {outage['start_s']:g}-{outage['end_s']:g} s; Redis {redis})"
     )
-    return rows, notes, {name: outage_p95}
+    return rows, notes, {series.name: outage_p95}
 
 
 def rounds_of(measured: Mapping[str, Series]) -> int:
@@ -810,6 +988,51 @@ def deltas_note(deltas: Series) -> str:
     )
 
 
+def ab_notes(measured: Mapping[str, Series]) -> list[str]:
+    """The A/B costs: for each script run against the app and its variant, the median over the
+    rounds of the cost of the app's run against the variant's run of the same round (each
+    round's in brackets), then, over several scripts, the median of all their rounds' costs."""
+    pairs = [(s, measured[s.name + AB]) for s in measured.values() if s.costs]
+    if not pairs:
+        return []
+    first = pairs[0][1]
+    tag = first.shown.removeprefix(base_name(first.name)).strip()  # "[METRICS=0]"
+    notes = [
+        f"A/B: each script also ran against a second gunicorn of the app, the variant (rows "
+        f"{tag}), in the same rounds: after the app in odd rounds, before it in even ones. The "
+        "app's cost in one round is the share of time a request takes beyond the variant's: in "
+        "req/s, the variant's / the app's - 1; in CPU, the server's CPU time (master and "
+        "workers, user and system) per request during the run, the app's / the variant's - 1, "
+        "which moves far less with what else the machine runs. Median first, then each round's"
+    ]
+
+    def cpu_part(app: Series, variant: Series) -> str:
+        if not app.cpu_costs:
+            return ""
+        app_ms = median(r.cpu_ms for r in app.runs)
+        variant_ms = median(r.cpu_ms for r in variant.runs)
+        return (
+            f"; {percent_spread(app.cpu_costs)} in CPU per request ({num(app_ms, 3)} ms, "
+            f"{num(variant_ms, 3)} ms)"
+        )
+
+    for app, variant in pairs:
+        notes.append(
+            f"{app.shown} against {variant.shown}: costs {percent_spread(app.costs)} in req/s"
+            f"{cpu_part(app, variant)}"
+        )
+    every = [c for app, _ in pairs for c in app.costs if c is not None]
+    every_cpu = [c for app, _ in pairs for c in app.cpu_costs if c is not None]
+    if len(pairs) > 1 and every:
+        names = ", ".join(app.shown for app, _ in pairs)
+        cpu = f"; {percent_spread([median(every_cpu)])} in CPU per request" if every_cpu else ""
+        notes.append(
+            f"A/B over every round of {names}: costs {percent_spread([median(every)])} in req/s"
+            f"{cpu} (medians of {len(every)} rounds' costs)"
+        )
+    return notes
+
+
 def report(measured: Mapping[str, Series]) -> tuple[list[Row], list[str]]:
     """The table's rows and the notes, in the order the scripts first ran."""
     rows: list[Row] = []
@@ -831,6 +1054,7 @@ def report(measured: Mapping[str, Series]) -> tuple[list[Row], list[str]]:
     deltas = measured.get("deltas")
     if deltas is not None and deltas.limits:
         notes.append(deltas_note(deltas))
+    notes += ab_notes(measured)
     return rows, notes
 
 
@@ -862,8 +1086,8 @@ def targets(measured: Mapping[str, Series]) -> list[Target]:
         found.append(at_least(what, deltas.of_limits, DELTAS_TARGET))
     if found:
         failing = [
-            f"{name} {100 * s.summary['failed_rate']:.2f}%"
-            for name, s in measured.items()
+            f"{s.shown} {100 * s.summary['failed_rate']:.2f}%"
+            for s in measured.values()
             if s.summary is not None and (s.summary.get("failed_rate") or 0) > 0
         ]
         measured_text = ", ".join(failing) or "none"
@@ -999,7 +1223,13 @@ def write_charts(
     if measured:
         fig, ax = plt.subplots(figsize=(9, 1.4 + 0.42 * len(measured)))
         colors = [
-            "#9e9e9e" if n in RAW_SCRIPT else "#4caf50" if n == "pgbench" else "#1f77b4"
+            "#9e9e9e"
+            if n in RAW_SCRIPT
+            else "#4caf50"
+            if n == "pgbench"
+            else "#ff7f0e"
+            if n.endswith("]")  # an A/B variant's label, "product [METRICS=0]"
+            else "#1f77b4"
             for n, _ in measured
         ]
         values = [s["rps"] for _, s in measured]
@@ -1011,9 +1241,10 @@ def write_charts(
             label = f" {s['rps']:,.0f}" + (f" ({x} raw)" if x not in ("-", "ref") else "")
             ax.text(s["rps"], i, label, va="center", fontsize=8)
         ax.set_xlim(0, 1.3 * max(values))
+        variant = "; orange: the A/B variant" if "#ff7f0e" in colors else ""
         ax.set_xlabel(
-            "requests/s (pgbench: transactions/s), medians of the rounds; x raw: the median of "
-            "the rounds' ratios; grey: the raw reference"
+            "requests/s (pgbench: transactions/s), medians of the rounds\nx raw: the median of "
+            f"the rounds' ratios; grey: the raw reference{variant}"
         )
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
@@ -1058,7 +1289,7 @@ def write_results(bench_dir: Path, runs: Sequence[Run], save: tuple[Path, Path] 
     """The text report (returned), and results.md and the charts in bench_dir; with `save`
     (DEST, README), copies of them in DEST and the Markdown in README's block."""
     meta = _load_json(bench_dir / "meta.json") or {}
-    measured = measure(runs)
+    measured = measure(runs, ab_label(meta.get("ab", "")))
     rows, notes = report(measured)
     found = targets(measured)
     caveats = target_caveats(meta, measured) if found else []
@@ -1068,10 +1299,10 @@ def write_results(bench_dir: Path, runs: Sequence[Run], save: tuple[Path, Path] 
         stale.unlink(missing_ok=True)
     try:
         charts = write_charts(
-            [(name, s.summary) for name, s in measured.items() if s.summary],
+            [(s.shown, s.summary) for s in measured.values() if s.summary],
             chart_title(meta),
             bench_dir,
-            {name: times(median(s.ratios)) for name, s in measured.items()},
+            {s.shown: times(median(s.ratios)) for s in measured.values()},
         )
     except ImportError as exc:  # matplotlib is a dev requirement; the table matters more
         log(f"no charts: {exc}")
@@ -1126,6 +1357,8 @@ def load_run(bench_dir: Path, item: str) -> Run:
         events=events,
         group=group,
         round=round_,
+        cpu_before=_load_json(bench_dir / f"{stem}.before.cpu"),
+        cpu_after=_load_json(bench_dir / f"{stem}.after.cpu"),
     )
 
 
@@ -1141,14 +1374,23 @@ def main(argv: Sequence[str]) -> int:
             wait_ready(args[0], float(args[1]), int(args[2]))
         elif cmd == "cache":
             save_cache_counts(args[0], Path(args[1]))
+        elif cmd == "cpu":
+            Path(args[1]).write_text(json.dumps(cpu_seconds(int(args[0]))))
         elif cmd == "healthy":
             return 0 if check_health(args[0], int(args[1]), Path(args[2])) else 1
         elif cmd == "cache-back":
             wait_cache_back(args[0], float(args[1]))
         elif cmd == "plan":
+            ab = args[:1] == ["--ab"]
+            args = args[1:] if ab else args
             rounds, with_raw, warmup, names = int(args[0]), args[1] == "1", args[2] == "1", args[3:]
-            for step in plan(names, rounds, with_raw, warmup):
+            for step in plan(names, rounds, with_raw, warmup, ab):
                 print(step.line())
+        elif cmd == "ab-settings":
+            for name, value in ab_settings(args[0], os.environ).items():
+                print(f"{name}={value}")
+        elif cmd == "metrics":
+            print(int(metrics_served(args[0])))
         elif cmd == "pgbench-script":
             Path(args[0]).write_text(pgbench_script(int(args[1])))
         elif cmd == "pgbench-summary":

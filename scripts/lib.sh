@@ -107,6 +107,84 @@ fs_ensure_redis() {
   export FS_REDIS_SERVER
 }
 
+# fs_ensure_prometheus: sets FS_PROMETHEUS and FS_PROMTOOL, installing them if needed (the test
+# suite checks deploy/prometheus and runs a Prometheus of its own). Debian's package would start
+# its own Prometheus: see fs_install_without_starting.
+fs_ensure_prometheus() {
+  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    fs_install_without_starting prometheus prometheus prometheus
+  fi
+  FS_PROMETHEUS=$(command -v prometheus) || fs_die "prometheus installed but not on PATH"
+  FS_PROMTOOL=$(command -v promtool) || fs_die "promtool installed but not on PATH"
+  export FS_PROMETHEUS FS_PROMTOOL
+}
+
+# fs_find_pgbouncer: the pgbouncer binary. Debian puts it in /usr/sbin, off a user's PATH
+# (FS_SBIN: that directory, for the tests).
+fs_find_pgbouncer() {
+  local sbin=${FS_SBIN:-/usr/sbin}
+  command -v pgbouncer 2>/dev/null && return 0
+  [ -x "$sbin/pgbouncer" ] && { echo "$sbin/pgbouncer"; return 0; }
+  return 1
+}
+
+# fs_ensure_pgbouncer: sets FS_PGBOUNCER, installing PgBouncer if needed (tests/test_pgbouncer.py
+# runs the API through one of its own). Debian's package would start a pgbouncer service on port
+# 6432: see fs_install_without_starting.
+fs_ensure_pgbouncer() {
+  if ! FS_PGBOUNCER=$(fs_find_pgbouncer); then
+    fs_install_without_starting pgbouncer pgbouncer pgbouncer
+    FS_PGBOUNCER=$(fs_find_pgbouncer) || fs_die "pgbouncer installed but not found"
+  fi
+  export FS_PGBOUNCER
+}
+
+# fs_install_without_starting SERVICE APT_PACKAGE BREW_PACKAGE: install a package whose Debian
+# postinst would start SERVICE, without letting it: recommends skipped, a policy-rc.d refusing
+# every service start in place during the install unless the machine has one of its own
+# (FS_POLICY_RC_D: its path, for the tests), and the service stopped and disabled if it started
+# anyway. fs_ensure_prometheus, fs_ensure_pgbouncer and fs_ensure_nginx install through it.
+fs_install_without_starting() {
+  local service=$1 apt_package=$2 brew_package=$3
+  local policy=${FS_POLICY_RC_D:-/usr/sbin/policy-rc.d} added='' installed=''
+  # Ours is marked, so that one left behind by an interrupted install is still removed.
+  if command -v apt-get >/dev/null 2>&1 && { [ ! -e "$policy" ] || grep -q faststock "$policy"; }; then
+    printf '#!/bin/sh\n# faststock: no service starts during an install\nexit 101\n' |
+      fs_sudo tee "$policy" >/dev/null && fs_sudo chmod 755 "$policy" && added=1
+  fi
+  if fs_apt_install "$apt_package"; then installed=1; fi
+  if [ -n "$added" ]; then fs_sudo rm -f "$policy"; fi
+  if [ -z "$installed" ]; then
+    fs_brew_install "$brew_package" ||
+      fs_die "$apt_package is missing and neither apt-get nor brew could install it"
+  fi
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+    fs_log "stopping the $service service the package started"
+    fs_sudo systemctl disable --now "$service" >/dev/null 2>&1 || true
+  elif [ -x "/etc/init.d/$service" ] && "/etc/init.d/$service" status >/dev/null 2>&1; then
+    fs_log "stopping the $service service the package started"
+    fs_sudo "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+  fi
+}
+
+# fs_find_nginx: the nginx binary (Debian puts it in /usr/sbin, off a user's PATH).
+fs_find_nginx() {
+  command -v nginx 2>/dev/null && return 0
+  [ -x /usr/sbin/nginx ] && { echo /usr/sbin/nginx; return 0; }
+  return 1
+}
+
+# fs_ensure_nginx: sets FS_NGINX, installing nginx if needed (tests/test_instances.py runs one
+# in front of two gunicorn instances, on a loopback port with every file under its tmp dir).
+# Debian's package would start an nginx on port 80: see fs_install_without_starting.
+fs_ensure_nginx() {
+  if ! FS_NGINX=$(fs_find_nginx); then
+    fs_install_without_starting nginx nginx nginx
+    FS_NGINX=$(fs_find_nginx) || fs_die "nginx installed but not found"
+  fi
+  export FS_NGINX
+}
+
 fs_free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -213,15 +291,68 @@ fs_pg_destroy() {
   rm -rf "$dir"
 }
 
-# fs_redis_start DIR PORT: a throwaway, non-persistent Redis on 127.0.0.1:PORT.
+# fs_pg_basebackup DIR PRIMARY_PORT: make DIR's data directory a streaming replica of the server on
+# 127.0.0.1:PRIMARY_PORT (pg_basebackup -R: a copy plus standby.signal and primary_conninfo), for
+# tests/test_replicas.py; `fs_pg_start DIR PORT` then starts it as a hot standby. The primary must
+# run with wal_level=replica and max_wal_senders > 0 (FS_PG_OPTS), which fs_pg_start's own
+# defaults turn off; the replica needs the same FS_PG_OPTS (a standby refuses to start with a
+# smaller max_wal_senders than its primary's).
+fs_pg_basebackup() {
+  local dir=$1 primary=$2 data
+  [ -n "${FS_PG_BIN:-}" ] || fs_ensure_pg
+  data=$(fs_pg_datadir "$dir")
+  [ -f "$data/PG_VERSION" ] && return 0
+  fs_as_pg_user "$FS_PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$primary" -U faststock -D "$data" \
+    -R -X stream -c fast >"$dir/basebackup.log" 2>&1 9>&- ||
+    { cat "$dir/basebackup.log" >&2; fs_die "pg_basebackup from port $primary failed"; }
+  rm -f "$data/server.log" # the primary's log came with the copy
+}
+
+# fs_redis_start DIR PORT [OPTION...]: a throwaway, non-persistent Redis on 127.0.0.1:PORT. The
+# options go to redis-server as they are (`--replicaof 127.0.0.1 6379` makes a replica).
 fs_redis_start() {
   local dir=$1 port=$2
+  shift 2
   [ -n "${FS_REDIS_SERVER:-}" ] || fs_ensure_redis
   mkdir -p "$dir"
   "$FS_REDIS_SERVER" --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" --maxclients 10000 9>&- ||
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" --maxclients 10000 "$@" 9>&- ||
     fs_die "redis-server did not start"
   echo "$port" >"$dir/port"
+  fs_redis_wait "$port"
+}
+
+# fs_sentinel_start DIR PORT MASTER_PORT NAME [QUORUM]: a Redis Sentinel on 127.0.0.1:PORT watching
+# the master on 127.0.0.1:MASTER_PORT under NAME (quorum 2 unless given); stop it with
+# fs_redis_stop DIR. FS_SENTINEL_DOWN_MS and FS_SENTINEL_FAILOVER_MS set down-after-milliseconds
+# and failover-timeout (Sentinel's own defaults, 30 s and 3 min, otherwise). It is redis-server in
+# Sentinel mode: Debian's redis-sentinel package adds only a link to that same binary and a
+# system service, so nothing more is installed.
+fs_sentinel_start() {
+  local dir=$1 port=$2 master=$3 name=$4 quorum=${5:-2}
+  [ -n "${FS_REDIS_SERVER:-}" ] || fs_ensure_redis
+  mkdir -p "$dir"
+  {
+    echo "port $port"
+    echo "bind 127.0.0.1"
+    echo "dir \"$dir\""
+    echo "sentinel monitor $name 127.0.0.1 $master $quorum"
+    if [ -n "${FS_SENTINEL_DOWN_MS:-}" ]; then
+      echo "sentinel down-after-milliseconds $name $FS_SENTINEL_DOWN_MS"
+    fi
+    if [ -n "${FS_SENTINEL_FAILOVER_MS:-}" ]; then
+      echo "sentinel failover-timeout $name $FS_SENTINEL_FAILOVER_MS"
+    fi
+  } >"$dir/sentinel.conf" # Sentinel rewrites it as it learns: a file of its own
+  "$FS_REDIS_SERVER" "$dir/sentinel.conf" --sentinel --daemonize yes --pidfile "$dir/redis.pid" \
+    --logfile "$dir/redis.log" 9>&- || fs_die "redis-server --sentinel did not start"
+  echo "$port" >"$dir/port"
+  fs_redis_wait "$port"
+}
+
+# fs_redis_wait PORT: until the Redis (or Sentinel) on 127.0.0.1:PORT answers PING.
+fs_redis_wait() {
+  local port=$1
   for _ in $(seq 1 200); do
     if python3 - "$port" <<'PY' 2>/dev/null; then return 0; fi
 import socket, sys

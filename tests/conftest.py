@@ -96,7 +96,14 @@ def redis_url(servers_dir: Path) -> Iterator[str]:
 
 @pytest.fixture
 def config(database_url: str, redis_url: str) -> Config:
-    return Config(database_url=database_url, redis_url=redis_url, web_concurrency=2)
+    """The suite's app settings. Anonymous writes are allowed here, as scripts/up allows them:
+    the tests of API keys (test_auth.py) turn them off where they need to."""
+    return Config(
+        database_url=database_url,
+        redis_url=redis_url,
+        web_concurrency=2,
+        allow_anonymous_writes=True,
+    )
 
 
 @pytest.fixture

@@ -57,9 +57,11 @@ def _servers(*args: object, env: Mapping[str, str] | None = None) -> None:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
+        """`options` go to redis-server as they are (`"--replicaof", "127.0.0.1", "6379"`)."""
         self.dir = directory
         self.port = free_port()
+        self.options = options
 
     @property
     def url(self) -> str:
@@ -70,7 +72,7 @@ class RedisServer:
         return int((self.dir / "redis.pid").read_text())
 
     def start(self) -> RedisServer:
-        _servers("redis-start", self.dir, self.port)
+        _servers("redis-start", self.dir, self.port, *self.options)
         return self
 
     def stop(self) -> None:
@@ -88,10 +90,40 @@ class RedisServer:
         os.kill(self.pid, signal.SIGCONT)
 
 
+class SentinelServer(RedisServer):
+    """A Redis Sentinel watching the master on `master_port` as `name` (quorum 2), deciding in
+    about `down_ms` that the master is down."""
+
+    def __init__(
+        self, directory: Path, master_port: int, name: str, down_ms: int, failover_ms: int
+    ) -> None:
+        super().__init__(directory)
+        self.master_port, self.name = master_port, name
+        self.env = {
+            "FS_SENTINEL_DOWN_MS": str(down_ms),
+            "FS_SENTINEL_FAILOVER_MS": str(failover_ms),
+        }
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> SentinelServer:
+        _servers("sentinel-start", self.dir, self.port, self.master_port, self.name, env=self.env)
+        return self
+
+
+# Server options for a primary that streams to replicas, and for its replicas (a standby refuses
+# to start with a smaller max_wal_senders than its primary's). The suite's own server keeps
+# wal_level=minimal, which makes `seed --reset` write no WAL.
+REPLICATION = "-c wal_level=replica -c max_wal_senders=4"
+
+
 class PgServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, options: str = "") -> None:
         self.dir = directory
         self.port = free_port()
+        self.options = options  # server options added to the suite's (REPLICATION, say)
 
     @property
     def url(self) -> str:
@@ -100,10 +132,17 @@ class PgServer:
     def start(self, fast: bool = True) -> PgServer:
         env = {
             "FS_PG_FAST": "1" if fast else "0",
-            "FS_PG_OPTS": "-c shared_preload_libraries=pg_stat_statements",
+            "FS_PG_OPTS": f"-c shared_preload_libraries=pg_stat_statements {self.options}",
         }
         _servers("pg-start", self.dir, self.port, env=env)
         return self
+
+    def replica(self, directory: Path) -> PgServer:
+        """A streaming replica of this server (started with REPLICATION), made with
+        `pg_basebackup -R` in `directory` and started as a hot standby; `stop` and `start`
+        work on it as on any server."""
+        _servers("pg-basebackup", directory, self.port)
+        return PgServer(directory, self.options).start()
 
     def stop(self) -> None:
         _servers("pg-stop", self.dir)
@@ -185,6 +224,9 @@ class LiveServer:
             "PORT": str(self.port),
             "WEB_CONCURRENCY": "2",
             "LOG_LEVEL": "WARNING",
+            # The suite's servers take anonymous writes, as conftest's app config does; the
+            # tests of API keys say ALLOW_ANONYMOUS_WRITES=0 where they need it.
+            "ALLOW_ANONYMOUS_WRITES": "1",
             **env,
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -302,6 +344,21 @@ def get(server, path: str, timeout: float = 10) -> requests.Response:
     response = requests.get(server.url(path), timeout=timeout, headers={"Connection": "close"})
     response.close()
     return response
+
+
+def first_hit_per_worker(server, path: str) -> set[str]:
+    """Read `path` on fresh connections until each worker has answered it from its near cache;
+    returns the workers' request-id prefixes (a worker's generated ids share one)."""
+    seen: set[str] = set()
+
+    def every_worker_hit() -> bool:
+        response = requests.get(server.url(path), headers={"Connection": "close"}, timeout=10)
+        if response.headers["X-Cache"] == "HIT":
+            seen.add(response.headers["X-Request-ID"][:16])
+        return len(seen) >= 2
+
+    assert poll(every_worker_hit, within=20, every=0)
+    return seen
 
 
 def timed_get(server, path: str) -> tuple[requests.Response, float]:

@@ -207,6 +207,9 @@ def assert_all_stopped(bench_dir: Path) -> None:
     if started["raw_pid"]:  # the raw reference's gunicorn
         assert not running(int(started["raw_pid"])), "the raw reference was left running"
         assert refused(int(started["raw_port"])), "the raw reference still accepts connections"
+    if started["ab_pid"]:  # the A/B variant's gunicorn
+        assert not running(int(started["ab_pid"])), "the A/B variant was left running"
+        assert refused(int(started["ab_port"])), "the A/B variant still accepts connections"
 
 
 def test_bench_product_end_to_end(tmp_path):
@@ -378,6 +381,94 @@ def test_bench_pinned_rounds_end_to_end(tmp_path):
     assert_all_stopped(bench_dir)
 
 
+def test_bench_ab_end_to_end(tmp_path):
+    """`BENCH_AB="METRICS=0" scripts/bench --pin product`, tiny: a third gunicorn, the app with
+    METRICS=0, runs product in the same rounds, after the app in round 1 and before it in round 2,
+    one run after the other; each has its row and x raw, the note gives each round's cost, and
+    the variant's row reads no /metrics (it has none: scripts/bench checked it answered 404)."""
+    bench_dir = tmp_path / "bench"
+    settings = {"VUS": "3", "DURATION": "1s", "BENCH_ROUNDS": "2", "BENCH_AB": "METRICS=0"}
+    result = run_bench(["--pin", "product"], bench_env(bench_dir, **settings), 240)
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, output
+
+    runs = runs_in_order(bench_dir)
+    assert [run[0] for run in runs] == [
+        "raw.product.1",
+        "product.1",
+        "product+ab.product.1",
+        "raw.product.2",
+        "product+ab.product.2",
+        "product.2",
+    ], output
+    assert all(rc == "0" for *_, rc in runs), runs
+    for before, after in pairwise(runs):
+        assert before[1] < before[2] <= after[1], (before, after)
+
+    rows = table_rows(result.stdout)
+    assert list(rows) == ["raw", "product", "product [METRICS=0]"], output
+    variant = rows["product [METRICS=0]"]
+    assert variant["runs"] == "2" and variant["result"] == "ok", output
+    assert variant["cache hit %"] == "-" and rows["product"]["cache hit %"] != "-", output
+    assert not list(bench_dir.glob("product+ab.*.cache"))  # no snapshot of a /metrics it lacks
+    assert list(bench_dir.glob("product.1.*.cache"))
+    costs = []
+    for r in (1, 2):
+        app, ab = (
+            summary_of(bench_dir, f"{n}.{r}")["rps"] for n in ("product", "product+ab.product")
+        )
+        raw = summary_of(bench_dir, f"raw.product.{r}")["rps"]
+        assert ratios(variant["x raw"])[1][r - 1] == pytest.approx(ab / raw, abs=0.01)
+        costs.append(100 * (ab / app - 1))
+    x = r"(-?[\d.]+)"
+    note = re.search(
+        rf"^product against product \[METRICS=0\]: costs {x}% \({x}, {x}\) in req/s; "
+        rf"{x}% \({x}, {x}\) in CPU per request \({x} ms, {x} ms\)$",
+        result.stdout,
+        re.M,
+    )
+    assert note, output
+    figures = [float(x) for x in note.groups()]
+    assert figures[1:3] == pytest.approx(costs, abs=0.06)
+    assert figures[0] == pytest.approx(sum(costs) / 2, abs=0.06)
+
+    # Each server's CPU time over each of its runs was recorded (the app's, the variant's, the
+    # raw reference's); the CPU costs compare the app's per request with the variant's.
+    def cpu_ms(stem):
+        used = json.loads((bench_dir / f"{stem}.after.cpu").read_text()) - json.loads(
+            (bench_dir / f"{stem}.before.cpu").read_text()
+        )
+        return 1000 * used / summary_of(bench_dir, stem)["requests"]
+
+    assert cpu_ms("raw.product.1") > 0
+    for r in (1, 2):
+        app, ab = cpu_ms(f"product.{r}"), cpu_ms(f"product+ab.product.{r}")
+        assert app > 0 and ab > 0
+        assert figures[3 + r] == pytest.approx(100 * (app / ab - 1), abs=0.06)
+
+    meta = json.loads((bench_dir / "meta.json").read_text())
+    assert meta["ab"] == "METRICS=0" and meta["command"].startswith('BENCH_AB="METRICS=0" ')
+    assert "A/B variant: METRICS=0" in (bench_dir / "results.md").read_text()
+    assert_all_stopped(bench_dir)
+
+
+def test_bench_dry_run_plans_the_ab_variant_next_to_the_app(tmp_path):
+    env = bench_env(tmp_path / "bench", BENCH_ROUNDS="2", BENCH_WARMUP="3s", BENCH_AB="METRICS=0")
+    result = run_bench(["--dry-run", "stock", "spike"], env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:5] == [
+        "stock: warm-up, 3s of stock.js (discarded)",
+        "stock [METRICS=0]: warm-up, 3s of stock.js (discarded)",
+        "raw.stock.1: the raw reference for stock, round 1 of 2, 200 VUs for 30s of product.js "
+        "(RAW=1)",
+        "stock.1: stock, round 1 of 2, 200 VUs for 30s",
+        "stock+ab.stock.1: stock [METRICS=0], round 1 of 2, 200 VUs for 30s",
+    ]
+    steps = [line.split(":", 1)[0] for line in result.stdout.splitlines()]
+    assert steps[5:] == ["raw.stock.2", "stock+ab.stock.2", "stock.2", "spike", "spike"]
+    assert not (tmp_path / "bench").exists()
+
+
 def test_bench_dry_run_prints_compares_rounds_and_starts_nothing(tmp_path):
     """Issue 9's whole comparison, planned: each script in rounds with its reference, pgbench in
     the deltas' rounds, each warm-up before its script's first raw run."""
@@ -415,6 +506,8 @@ def test_bench_dry_run_prints_compares_rounds_and_starts_nothing(tmp_path):
         (["product"], {"BENCH_RAW": "yes"}, "BENCH_RAW must be 0 or 1"),
         (["product"], {"BENCH_ROUNDS": "0"}, "BENCH_ROUNDS must be a positive whole number"),
         (["--pin", "product"], {"PIN_SERVER_CPU": "4096"}, "cannot run on CPU 4096"),
+        (["product"], {"BENCH_AB": "METRIC=0"}, "BENCH_AB: METRIC is not a setting"),
+        (["product"], {"BENCH_AB": "METRICS=maybe"}, "BENCH_AB: METRICS must be 1 or 0"),
     ],
 )
 def test_bench_refuses_what_it_cannot_do_before_starting_anything(

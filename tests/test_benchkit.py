@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -378,6 +379,7 @@ def test_plan_command_prints_one_step_a_line(capsys):
         (("product", "product", 2), "product.2"),
         (("raw", "product", 3), "raw.product.3"),
         (("raw-seed-stock", "seed-stock", 1), "raw-seed-stock.seed-stock.1"),
+        (("product+ab", "product", 2), "product+ab.product.2"),
     ],
 )
 def test_run_ids_name_the_script_its_group_and_round(key, run_id):
@@ -798,6 +800,282 @@ def test_save_leaves_a_readme_without_the_block_alone_and_drops_stale_charts(tmp
     assert readme.read_text() == "no block here\n"
     assert "no <!-- bench:latest --> ... <!-- /bench:latest --> block" in capsys.readouterr().err
     assert (dest / "reqs.png").exists() and not (dest / "latency.png").exists()
+
+
+# ---- A/B: the app and a variant of it in the same rounds ----
+
+
+def test_plan_ab_runs_the_variant_next_to_the_app_first_and_second_by_turns():
+    steps = benchkit.plan(["product", "deltas", "pgbench", "spike"], 3, with_raw=True, ab=True)
+    assert [(s.kind, s.name) for s in steps[:2]] == [
+        ("warmup", "product"),
+        ("warmup", "product+ab"),  # each gunicorn fills its own near caches
+    ]
+    assert ids(steps) == [
+        "raw.product.1",
+        "product.1",
+        "product+ab.product.1",
+        "raw.product.2",
+        "product+ab.product.2",
+        "product.2",
+        "raw.product.3",
+        "product.3",
+        "product+ab.product.3",
+        "raw.deltas.1",
+        "deltas.1",
+        "deltas+ab.deltas.1",
+        "pgbench.deltas.1",
+        "raw.deltas.2",
+        "deltas+ab.deltas.2",
+        "deltas.2",
+        "pgbench.deltas.2",
+        "raw.deltas.3",
+        "deltas.3",
+        "deltas+ab.deltas.3",
+        "pgbench.deltas.3",
+        "spike",  # resilience scripts stop the Redis both share: the app's alone
+    ]
+    variant = next(s for s in steps if s.id == "product+ab.product.2")
+    assert variant == Step("run", "product+ab.product.2", "product+ab", "product", 2, "product")
+    warmups = [(s.name, s.script) for s in steps if s.kind == "warmup"]
+    assert warmups == [
+        ("product", "product"),
+        ("product+ab", "product"),
+        ("deltas", "deltas"),
+        ("deltas+ab", "deltas"),
+        ("spike", "spike"),
+    ]
+
+
+def test_plan_ab_needs_no_raw_reference():
+    steps = benchkit.plan(["stock"], 2, with_raw=False, warmup=False, ab=True)
+    assert ids(steps) == ["stock.1", "stock+ab.stock.1", "stock+ab.stock.2", "stock.2"]
+
+
+def test_plan_command_takes_ab(capsys):
+    assert benchkit.main(["plan", "--ab", "2", "1", "0", "stock"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "raw raw.stock.1 raw stock 1 product",
+        "run stock.1 stock stock 1 stock",
+        "run stock+ab.stock.1 stock+ab stock 1 stock",
+        "raw raw.stock.2 raw stock 2 product",
+        "run stock+ab.stock.2 stock+ab stock 2 stock",
+        "run stock.2 stock stock 2 stock",
+    ]
+
+
+def ab_rounds(group, raw, app, variant, cpu=None):
+    """The runs of `group`'s rounds against the raw reference, the app and the variant (req/s of
+    each, a round apiece), in the plan's order (the variant first in even rounds); `cpu`, the
+    server's CPU ms per request in each round's (app, variant) runs (300 requests each), counted
+    from a server that had used 7 s before."""
+    runs = []
+    cpu = cpu or [(None, None)] * len(raw)
+    for r, (x, a, v, ms) in enumerate(zip(raw, app, variant, cpu, strict=True), 1):
+        pair = [(group, a, ms[0]), (group + "+ab", v, ms[1])]
+        for name, rps, used in [("raw", x, None), *(pair if r % 2 else pair[::-1])]:
+            spent = {} if used is None else {"cpu_before": 7.0, "cpu_after": 7.0 + used * 0.3}
+            runs.append(Run(name, "0", at(rps), group=group, round=r, **spent))
+    return runs
+
+
+def test_ab_cost_is_the_variants_req_s_over_the_apps_minus_one_round_by_round():
+    """Each round's cost takes the variant's run of that round, never a median: the machine
+    drifts (1000, 2000, 1500 req/s) and the pairs follow it."""
+    runs = ab_rounds("product", [2000, 4000, 3000], [1000, 2000, 1500], [1050, 2060, 1500])
+    measured = measure(runs, "METRICS=0")
+    assert measured["product"].costs == pytest.approx((0.05, 0.03, 0.0))
+    assert measured["product+ab"].costs == ()
+    assert measured["product+ab"].ratios == pytest.approx((0.525, 0.515, 0.5))
+    rows, notes = report(measured)
+    by_label = rows_by_label(rows)
+    assert list(by_label) == ["raw", "product", "product [METRICS=0]"]
+    assert by_label["product"]["x raw"] == "0.50x (0.50, 0.50, 0.50)"
+    assert by_label["product [METRICS=0]"]["x raw"] == "0.52x (0.53, 0.52, 0.50)"
+    assert by_label["product [METRICS=0]"]["req/s"] == "1500.0"
+    assert notes[1].startswith("A/B: each script also ran against a second gunicorn of the app")
+    assert "(rows [METRICS=0])" in notes[1]
+    assert notes[2:] == ["product against product [METRICS=0]: costs 3.0% (5.0, 3.0, 0.0) in req/s"]
+
+
+def test_ab_costs_over_several_scripts_and_a_round_without_its_pair():
+    runs = [
+        *ab_rounds("product", [2000, 2000], [1000, 1000], [1020, 1040]),
+        *ab_rounds("stock", [2000, 2000], [1000, 1000], [990, 1100]),
+    ]
+    del runs[2]  # product's variant left nothing in round 1 (k6 died)
+    rows, notes = report(measure(runs, "METRICS=0 FAST_LANE=0"))
+    assert [row[0] for row in rows] == [
+        "raw",
+        "product",
+        "product [METRICS=0 FAST_LANE=0]",
+        "stock",
+        "stock [METRICS=0 FAST_LANE=0]",
+    ]
+    assert notes[-3:] == [
+        "product against product [METRICS=0 FAST_LANE=0]: costs 4.0% (-, 4.0) in req/s",
+        "stock against stock [METRICS=0 FAST_LANE=0]: costs 4.5% (-1.0, 10.0) in req/s",
+        # 4.0, -1.0, 10.0: the median of every round that has both runs
+        "A/B over every round of product, stock: costs 4.0% in req/s (medians of 3 rounds' costs)",
+    ]
+
+
+def test_ab_cpu_cost_is_the_apps_cpu_per_request_over_the_variants_minus_one():
+    """CPU time per request in each run (the server's CPU seconds over the run / its requests),
+    compared round by round: the req/s of the same rounds swing with the machine, this less."""
+    runs = ab_rounds(
+        "product",
+        [2000, 2000, 2000],
+        [1000, 500, 1000],  # round 2: the host was busy while the app ran
+        [1000, 1000, 1000],
+        cpu=[(0.42, 0.40), (0.41, 0.40), (0.40, 0.40)],
+    )
+    measured = measure(runs, "METRICS=0")
+    assert [r.cpu_ms for r in measured["product"].runs] == pytest.approx([0.42, 0.41, 0.40])
+    assert measured["product"].cpu_costs == pytest.approx((0.05, 0.025, 0.0))
+    assert report(measured)[1][2] == (
+        "product against product [METRICS=0]: costs 0.0% (0.0, 100.0, 0.0) in req/s; 2.5% "
+        "(5.0, 2.5, 0.0) in CPU per request (0.410 ms, 0.400 ms)"
+    )
+    stock = ab_rounds("stock", [2000], [1000], [1100], cpu=[(0.5, 0.4)])
+    notes = report(measure(runs + stock, "METRICS=0"))[1]
+    assert notes[-1] == (
+        "A/B over every round of product, stock: costs 5.0% in req/s; 3.8% in CPU per request "
+        "(medians of 4 rounds' costs)"  # req/s: 0, 100, 0 and 10; CPU: 5.0, 2.5, 0.0 and 25.0
+    )
+
+
+def test_cpu_per_request_needs_both_snapshots_and_requests():
+    run = Run("product", "0", at(1000.0), cpu_before=1.0, cpu_after=1.6)
+    assert run.cpu_ms == pytest.approx(2.0)  # 0.6 s over 300 requests
+    assert replace(run, cpu_before=None).cpu_ms is None
+    assert replace(run, summary=None).cpu_ms is None
+    assert replace(run, summary=at(1000.0, requests=0)).cpu_ms is None
+    assert measure(ab_rounds("product", [1], [1], [1]))["product"].cpu_costs == ()
+
+
+def test_cpu_seconds_counts_a_process_and_its_children():
+    """A gunicorn master uses little; its workers (children) do the work."""
+    import os
+    import subprocess
+    import sys
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    before = benchkit.cpu_seconds(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", burn + "input()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while benchkit.cpu_seconds(os.getpid()) - before < 0.3:
+            assert time.monotonic() < deadline, "the child's CPU time was never counted"
+            time.sleep(0.05)
+    finally:
+        child.communicate(b"\n", timeout=30)
+    assert benchkit.cpu_seconds(child.pid) == 0  # gone: nothing of it left to count
+
+
+def test_without_a_variant_there_is_no_ab_note():
+    runs = interleaved("product", ("raw", [1000.0, 1000.0]), ("product", [500.0, 600.0]))
+    assert not any(note.startswith("A/B") for note in report(measure(runs))[1])
+    assert measure(runs)["product"].costs == ()
+
+
+def test_the_variants_row_reads_no_cache_counters_it_has_not_got():
+    """With METRICS=0 scripts/bench takes no snapshot: the row says "-", not 0% hits."""
+    runs = [
+        Run("product", "0", at(1000.0), before={}, after={"HIT": 9.0}, group="product", round=1),
+        Run("product+ab", "0", at(1000.0), group="product", round=1),
+    ]
+    rows = rows_by_label(report(measure(runs, "METRICS=0"))[0])
+    assert rows["product"]["cache hit %"] == "100.0"
+    assert rows["product [METRICS=0]"]["cache hit %"] == "-"
+
+
+def test_percent_spread():
+    assert benchkit.percent_spread([0.021]) == "2.1%"
+    assert benchkit.percent_spread([0.015, 0.021, 0.03]) == "2.1% (1.5, 2.1, 3.0)"
+    assert benchkit.percent_spread([None, -0.02]) == "-2.0% (-, -2.0)"
+    assert benchkit.percent_spread([None]) == "-"
+    assert benchkit.cost(1000.0, 1050.0) == pytest.approx(0.05)
+    assert benchkit.cost(None, 1050.0) is None and benchkit.cost(0.0, 1.0) is None
+
+
+def test_the_failed_requests_target_names_the_variant_by_its_label():
+    runs = ab_rounds("product", [2000], [1000], [1000])
+    runs = edited(runs, "product+ab", failed_rate=0.01)
+    last = targets(measure(runs, "METRICS=0"))[-1]
+    assert (last.measured, last.ok) == ("product [METRICS=0] 1.00%", False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("METRIC=0", "BENCH_AB: METRIC is not a setting of the app (README: Settings;"),
+        ("METRICS", "BENCH_AB: 'METRICS' is not NAME=VALUE"),
+        ("METRICS=", "BENCH_AB: 'METRICS=' is not NAME=VALUE"),
+        ("PORT=9000", "BENCH_AB: PORT is the bench's own"),
+        ("REDIS_URL=redis://elsewhere:6379/0", "BENCH_AB: REDIS_URL is the bench's own"),
+        ("METRICS=0 METRICS=1", "BENCH_AB: METRICS is given twice"),
+        ("   ", "BENCH_AB has no setting"),
+        ("METRICS=maybe", "faststock: configuration error: BENCH_AB: METRICS must be 1 or 0"),
+        ("DB_POOL_SIZE=0", "configuration error: BENCH_AB: DB_POOL_SIZE must be between 1 and"),
+    ],
+)
+def test_ab_settings_refuses_what_would_not_make_a_variant(text, message):
+    with pytest.raises(benchkit.BenchError) as error:
+        benchkit.ab_settings(text, {})
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_ab_settings_are_checked_on_top_of_the_apps(monkeypatch, capsys):
+    assert benchkit.ab_settings(" METRICS=0  FAST_LANE=off ", {}) == {
+        "METRICS": "0",
+        "FAST_LANE": "off",
+    }
+    # The variant's value wins over the app's; the app's others stay, and are checked with it.
+    assert benchkit.ab_settings("METRICS=0", {"METRICS": "1", "LOG_LEVEL": "info"}) == {
+        "METRICS": "0"
+    }
+    with pytest.raises(benchkit.BenchError, match="LOG_LEVEL"):
+        benchkit.ab_settings("METRICS=0", {"LOG_LEVEL": "chatty"})
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    assert benchkit.main(["ab-settings", "METRICS=0 ACCESS_LOG=1"]) == 0
+    assert capsys.readouterr().out == "METRICS=0\nACCESS_LOG=1\n"
+    assert benchkit.main(["ab-settings", "METRIC=0"]) == 1
+    assert "METRIC is not a setting" in capsys.readouterr().err
+
+
+def test_describe_and_the_report_name_the_variant(tmp_path):
+    meta = {"command": 'BENCH_AB="METRICS=0" scripts/bench --pin product', "date": "D"}
+    meta |= {"pinned": "1", "workers": "1", "ab": "METRICS=0", "settings": {"FAST_LANE": "1"}}
+    assert benchkit.describe(meta)[0].endswith("settings: FAST_LANE=1; A/B variant: METRICS=0")
+    assert "A/B against METRICS=0" in benchkit.chart_title(meta)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    items = []
+    cpu = [(0.44, 0.40), (0.41, 0.41)]
+    for run in ab_rounds("product", [2000, 2000], [1000, 1000], [1030, 1010], cpu):
+        stem = benchkit.run_id(run.name, run.group, run.round)
+        write_run(tmp_path, stem, run.summary)
+        if run.name != "raw":
+            (tmp_path / f"{stem}.before.cpu").write_text(json.dumps(run.cpu_before))
+            (tmp_path / f"{stem}.after.cpu").write_text(json.dumps(run.cpu_after))
+        items.append(f"{stem}:0")
+    runs = [benchkit.load_run(tmp_path, item) for item in items]
+    assert runs[2].key == ("product+ab", "product", 1)
+    assert runs[2].cpu_ms == pytest.approx(0.40) and runs[0].cpu_ms is None
+    text = benchkit.write_results(tmp_path, runs, None)
+    note = (
+        "product against product [METRICS=0]: costs 2.0% (3.0, 1.0) in req/s; 5.0% (10.0, 0.0) "
+        "in CPU per request (0.425 ms, 0.405 ms)"
+    )
+    assert note in text
+    assert re.search(
+        r"^product \[METRICS=0\] +50 +3s +2 +1020\.0 +0\.51x \(0\.52, 0\.51\)", text, re.M
+    )
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| product [METRICS=0] | 50 | 3s | 2 | 1020.0 | 0.51x (0.52, 0.51) |" in markdown
+    assert f"- {note}" in markdown
+    assert (tmp_path / "reqs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- pgbench and the run's description ----

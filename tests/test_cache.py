@@ -103,11 +103,11 @@ def test_older_version_never_replaces_newer(fresh):
     cache = Cache(fresh)
     assert cache.fill([(1, 5, encode_entry(5, 50, b"{}"))]) == 1
     assert cache.fill([(1, 4, encode_entry(4, 40, b"{}"))]) == 0  # told, but nothing stored
-    assert cache.get(product_key(1))[1] == encode_entry(5, 50, b"{}")
+    assert cache.get_product(1)[1] == encode_entry(5, 50, b"{}")
     assert cache.fill([(1, 6, encode_entry(6, 60, b"{}"))]) == 1
-    assert cache.get(product_key(1))[1] == encode_entry(6, 60, b"{}")
+    assert cache.get_product(1)[1] == encode_entry(6, 60, b"{}")
     cache.remember_missing(1)
-    assert cache.get(product_key(1))[1] == encode_entry(6, 60, b"{}")
+    assert cache.get_product(1)[1] == encode_entry(6, 60, b"{}")
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_hung_redis_costs_at_most_its_timeout(outage_client):
 def test_redis_client_does_not_retry(config):
     cache = Cache(Config(**{**config.__dict__, "redis_url": "redis://127.0.0.1:1/0"}))
     assert cache.pool.connection_kwargs["retry"]._retries == 0
-    assert cache.get(product_key(1)) == ("BYPASS", None)
+    assert cache.get_product(1) == ("BYPASS", None)
 
 
 def test_keeper_holds_no_outbox_lock_while_redis_is_called(app, fresh, sql):

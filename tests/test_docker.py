@@ -382,7 +382,7 @@ def test_api_environment_is_exactly_what_the_app_reads() -> None:
     missing = config_names - set(env)
     assert not missing, f"api leaves Config variables unset: {sorted(missing)}"
     config = Config.from_env({k: v for k, v in env.items() if k in config_names})
-    container_ports = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in _service("api")["ports"]}
+    container_ports = {str(p).split("/")[0] for p in _service("api")["expose"]}
     assert str(config.port) in container_ports, (config.port, container_ports)
     assert config.host == "0.0.0.0", "a loopback bind inside the container cannot be reached"
 
@@ -479,24 +479,122 @@ def test_migrate_commands_exist_in_the_flask_cli(monkeypatch: pytest.MonkeyPatch
         commands[name].make_context(name, list(args))
 
 
+# --- several instances behind nginx --------------------------------------------------------------
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+
+
+def _nginx_args(directive: str) -> list[str]:
+    """The arguments of each `directive ...;` in deploy/nginx.conf, comments left out. (nginx -t
+    of the file itself runs in tests/test_instances.py, where nginx is installed.)"""
+    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+    return [
+        " ".join(m.group(1).split())
+        for m in re.finditer(rf"(?m)^\s*{directive}\s+([^;{{}}]*);", text)
+    ]
+
+
+def test_api_publishes_no_host_port_so_it_scales() -> None:
+    """`docker compose up --scale api=3`: a host port can be bound by one replica only, and a
+    container name allows one container only; nginx is the way in."""
+    api = _service("api")
+    assert "ports" not in api, "a published port makes every replica after the first fail"
+    assert "container_name" not in api
+    assert [str(p) for p in api["expose"]] == [_environment(api)["PORT"]]
+
+
+def test_nginx_serves_port_8000_and_proxies_to_every_api_replica() -> None:
+    nginx = _service("nginx")
+    assert [str(p) for p in nginx["ports"]] == ["8000:8000"]
+    assert _nginx_args("listen") == ["8000"]
+    port = _environment(_service("api"))["PORT"]
+    servers = [args.split() for args in _nginx_args("server")]
+    assert len(servers) == 1 and servers[0][0] == f"api:{port}", servers
+    # Docker's DNS answers `api` with every replica; `resolve` asks it again while nginx runs.
+    assert "resolve" in servers[0], servers
+    assert _nginx_args("resolver")[0].split()[0] == "127.0.0.11"
+    assert nginx["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_nginx_image_knows_the_upstream_resolve_parameter() -> None:
+    """Open-source nginx has `server ... resolve` since 1.27.3: an older image refuses the file."""
+    name, _, tag = _service("nginx")["image"].partition(":")
+    assert name == "nginx", name
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", tag)
+    assert found, f"pin a full nginx version, not {tag!r}"
+    assert tuple(map(int, found.groups())) >= (1, 27, 3), tag
+
+
+def test_nginx_reads_deploy_nginx_conf_read_only() -> None:
+    volumes = [str(v) for v in _service("nginx")["volumes"]]
+    assert volumes == ["./deploy/nginx.conf:/etc/nginx/nginx.conf:ro"], volumes
+    assert _mounted_file("nginx", "/etc/nginx/nginx.conf") == NGINX_CONF
+
+
+def test_nginx_health_check_probes_a_location_nginx_answers_itself() -> None:
+    argv = _service("nginx")["healthcheck"]["test"]
+    url = urlsplit(argv[-1])
+    assert argv[0] == "CMD" and url.port == 8000, argv
+    assert f"location = {url.path} " in NGINX_CONF.read_text(), url.path
+
+
 # --- monitoring ----------------------------------------------------------------------------------
 
 
-def _inline_config(service: str, target: str) -> dict[str, Any]:
-    """The YAML document a service gets at `target` through a top-level inline `configs:` entry."""
-    mounts = [c for c in _service(service).get("configs", []) if c.get("target") == target]
-    assert mounts, f"{service} mounts nothing at {target}"
-    content = _compose()["configs"][mounts[0]["source"]]["content"]
-    return yaml.safe_load(content)
+def _bind_mounts(service: str) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts (the short `./src:/dst:ro` form)."""
+    mounts = {}
+    for volume in _service(service).get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        if source.startswith((".", "/")):
+            mounts[target] = (ROOT / source).resolve()
+    return mounts
+
+
+def _mounted_file(service: str, target: str) -> Path:
+    """The repository file a service sees at `target`, mounted itself or inside a mounted folder."""
+    for inside, host in _bind_mounts(service).items():
+        if target == inside:
+            return host
+        if target.startswith(inside.rstrip("/") + "/"):
+            return host / target[len(inside.rstrip("/")) + 1 :]
+    raise AssertionError(f"{service} mounts nothing at {target}")
+
+
+def _mounted_config(service: str, target: str) -> dict[str, Any]:
+    return yaml.safe_load(_mounted_file(service, target).read_text())
+
+
+PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
+
+
+def test_monitoring_reads_its_files_from_deploy_read_only() -> None:
+    """Bind mounts of files kept in the repository under deploy/, instead of inline `configs:`:
+    a mount whose source is missing makes Docker create an empty directory in its place."""
+    assert "configs" not in _compose(), "the monitoring settings live in deploy/ now"
+    for name in ("prometheus", "grafana"):
+        volumes = [str(v) for v in _service(name).get("volumes", [])]
+        assert volumes, f"{name} mounts nothing"
+        for volume in volumes:
+            source, mode = volume.split(":")[0], volume.split(":")[-1]
+            assert source.startswith("./deploy/"), volume
+            assert mode == "ro", f"{name} may write to the repository through {volume}"
+        for inside, host in _bind_mounts(name).items():
+            assert host.exists(), f"{name} mounts {host} at {inside}, which does not exist"
+            assert host.is_relative_to(ROOT / "deploy"), host
 
 
 def test_prometheus_scrapes_api_metrics_every_5s() -> None:
-    config = _inline_config("prometheus", "/etc/prometheus/prometheus.yml")
+    config = _mounted_config("prometheus", PROMETHEUS_CONFIG)
     port = _environment(_service("api"))["PORT"]
+    # By DNS: every replica of a scaled `api` service is a target of its own.
     jobs = [
         job
         for job in config["scrape_configs"]
-        if any(f"api:{port}" in sc.get("targets", []) for sc in job.get("static_configs", []))
+        if any(
+            sc.get("names") == ["api"] and sc.get("type") == "A" and str(sc.get("port")) == port
+            for sc in job.get("dns_sd_configs", [])
+        )
     ]
     assert jobs, config
     job = jobs[0]
@@ -504,16 +602,50 @@ def test_prometheus_scrapes_api_metrics_every_5s() -> None:
     assert job.get("scrape_interval", config.get("global", {}).get("scrape_interval")) == "5s"
 
 
+def test_prometheus_container_sees_its_alert_rules() -> None:
+    """rule_files are relative to the config file: each must be mounted beside it."""
+    rule_files = _mounted_config("prometheus", PROMETHEUS_CONFIG).get("rule_files")
+    assert rule_files, "Prometheus loads no alert rules"
+    for name in rule_files:
+        inside = name if name.startswith("/") else f"{PROMETHEUS_CONFIG.rsplit('/', 1)[0]}/{name}"
+        assert _mounted_file("prometheus", inside).is_file(), inside
+    assert _mounted_file("prometheus", "/etc/prometheus/alerts.yml") == (
+        ROOT / "deploy" / "prometheus" / "alerts.yml"
+    )
+
+
 def test_grafana_provisions_prometheus_without_anonymous_access() -> None:
     target = "/etc/grafana/provisioning/datasources/prometheus.yml"
-    sources = _inline_config("grafana", target)["datasources"]
+    sources = _mounted_config("grafana", target)["datasources"]
     assert any(
         s["type"] == "prometheus" and urlsplit(s["url"]).hostname == "prometheus" for s in sources
     ), sources
+    # $__rate_interval is four times timeInterval: it must be the real scrape interval.
+    scrape = _mounted_config("prometheus", PROMETHEUS_CONFIG)["global"]["scrape_interval"]
+    assert {s.get("jsonData", {}).get("timeInterval") for s in sources} == {scrape}
     grafana = _service("grafana")
     assert _environment(grafana).get("GF_AUTH_ANONYMOUS_ENABLED") == "false"
     assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in _environment(grafana)
     assert "prometheus" in grafana["depends_on"]
+
+
+def test_grafana_provisions_the_generated_dashboard() -> None:
+    """The provider's folder is mounted and holds deploy/grafana/dashboards/faststock.json, whose
+    panels query a datasource that is provisioned."""
+    provider_file = "/etc/grafana/provisioning/dashboards/faststock.yml"
+    providers = _mounted_config("grafana", provider_file)["providers"]
+    assert [p["type"] for p in providers] == ["file"], providers
+    folder = _mounted_file("grafana", providers[0]["options"]["path"])
+    assert folder == ROOT / "deploy" / "grafana" / "dashboards"
+    dashboard = json.loads((folder / "faststock.json").read_text())
+    target = "/etc/grafana/provisioning/datasources/prometheus.yml"
+    uids = {s["uid"] for s in _mounted_config("grafana", target)["datasources"]}
+    panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
+    assert panels, "the dashboard has no panels"
+    for panel in panels:
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+    home = _environment(_service("grafana"))["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert _mounted_file("grafana", home) == folder / "faststock.json"
 
 
 def test_compose_images_are_pinned() -> None:
@@ -525,3 +657,46 @@ def test_compose_images_are_pinned() -> None:
             continue
         tag = image.rsplit("/", 1)[-1].partition(":")[2]
         assert tag and tag != "latest", f"{name}: pin a tag for {image}"
+
+
+# --- the development API key ---------------------------------------------------------------------
+
+
+def _volume_at(service: str, target: str) -> tuple[str, bool]:
+    """(named volume, read-only) a service mounts at `target`."""
+    for entry in _service(service).get("volumes", []):
+        source, _, rest = str(entry).partition(":")
+        inside, _, mode = rest.partition(":")
+        if inside == target:
+            return source, mode == "ro"
+    raise AssertionError(f"{service} mounts no volume at {target}")
+
+
+def test_api_key_service_makes_a_key_the_api_accepts(tmp_path: Path) -> None:
+    """Runs the one-shot's script (with its volume in a temporary folder) twice, as two `up`s
+    would: one key, made once, printed each time, whose entry the api reads (API_KEYS_FILE
+    inside the same volume, mounted read-only) and accepts."""
+    from faststock.auth import Keys
+    from faststock.config import Config
+
+    api_env = _environment(_service("api"))
+    keys_file = Path(api_env["API_KEYS_FILE"])
+    volume, read_only = _volume_at("api", str(keys_file.parent))
+    assert read_only and _volume_at("api-key", str(keys_file.parent)) == (volume, False)
+    assert volume in _compose()["volumes"]
+    assert _service("api")["depends_on"]["api-key"]["condition"] == "service_completed_successfully"
+    assert api_env["ALLOW_ANONYMOUS_WRITES"] == "0"
+
+    argv = _command(_service("api-key"))
+    assert argv[:2] == ["sh", "-ec"], argv
+    script = argv[2].replace("$$", "$").replace(str(keys_file.parent), str(tmp_path))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    printed = [_run(["sh", "-ec", script], env=env) for _ in range(2)]
+    for result in printed:
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert printed[0].stdout == printed[1].stdout, "a second `up` made another key"
+    key = re.search(r"Authorization: Bearer (\S+)", printed[0].stdout).group(1)
+    config = Config(api_keys_file=str(tmp_path / keys_file.name))
+    assert Keys(config.read_api_keys()).identify(f"Bearer {key}") == "dev"
+    assert (tmp_path / keys_file.name).stat().st_mode & 0o777 == 0o644  # the api's user reads it
+    assert (tmp_path / "dev-key").stat().st_mode & 0o077 == 0  # the key itself: root's only

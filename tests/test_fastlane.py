@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -163,3 +166,33 @@ def test_counters_grow_by_exactly_the_requests_whichever_path_served_them(live_s
 
     assert poll(lambda: grown()[:3] == (400.0, 400.0, 400.0), within=5), grown()
     assert grown()[3] > 300  # most of them were near-cache hits, answered by the lane
+
+
+GREEN_FIRST_HITS = """
+from gevent import monkey
+
+monkey.patch_all()
+import gevent
+
+from faststock import create_app
+from faststock.metrics import get_lane_counts
+
+counts = get_lane_counts(create_app())
+workers = [gevent.spawn(counts.hit, "/api/products/<raw_id>", "product", 0.001) for _ in range(20)]
+gevent.joinall(workers, timeout=10)
+print(sum(w.successful() for w in workers))
+"""
+
+
+def test_first_hits_of_a_gevent_worker_never_deadlock(database_url, redis_url):
+    """The first hit starts the flushing thread, which yields under gevent: it must do so outside
+    the counts' lock (a real lock), or the next greenlet's hit blocks the whole worker."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GREEN_FIRST_HITS],
+        env={**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["20"]

@@ -12,7 +12,7 @@ from faststock import shared
 from faststock.cache import encode_entry
 from faststock.nearcache import get_near
 from faststock.outbox import SWEEP_SECONDS
-from tests.servers import poll
+from tests.servers import first_hit_per_worker, poll
 
 
 def entry(version: int, stock: int) -> bytes:
@@ -87,21 +87,6 @@ def test_the_near_cache_stands_aside_when_the_channel_breaks(near, make_app, pri
     near.heartbeat()
     assert near.usable() and len(near) == 0  # ...brings it back, empty
     near.invalidations.close()
-
-
-def first_hit_per_worker(server, path: str) -> set[str]:
-    """Read `path` on fresh connections until each worker has answered it from its near cache;
-    returns the workers' request-id prefixes (a worker's generated ids share one)."""
-    seen: set[str] = set()
-
-    def every_worker_hit() -> bool:
-        response = requests.get(server.url(path), headers={"Connection": "close"}, timeout=10)
-        if response.headers["X-Cache"] == "HIT":
-            seen.add(response.headers["X-Request-ID"][:16])
-        return len(seen) >= 2
-
-    assert poll(every_worker_hit, within=20, every=0)
-    return seen
 
 
 def test_a_write_is_seen_at_once_by_every_worker_of_the_host(live_server):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import subprocess
 
 import pytest
@@ -32,11 +34,32 @@ def test_document_is_served(client):
         "/readyz",
         "/metrics",
     }
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["apiKey"]["description"],
+    }
+    write = doc["paths"]["/api/products/{id}/update-stock"]["post"]
+    assert write["security"] == [{"apiKey": []}]
+    assert {"401", "429"} <= set(write["responses"])
+    assert "WWW-Authenticate" in write["responses"]["401"]["headers"]
+    assert {"Retry-After", "X-RateLimit-Limit"} <= set(write["responses"]["429"]["headers"])
+    read = doc["paths"]["/api/products/{id}"]["get"]
+    assert read["security"] == [{}, {"apiKey": []}]  # a key is optional unless the server says
+    assert "403" in doc["paths"]["/metrics"]["get"]["responses"]
+    codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+    assert {"unauthorized", "forbidden", "rate_limited"} <= set(codes)
 
 
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(live_server, tmp_path):
-    server = live_server(WEB_CONCURRENCY="2")
+    """With a key, on a server that takes no anonymous writes, as production runs."""
+    key = secrets.token_urlsafe(32)
+    server = live_server(
+        WEB_CONCURRENCY="2",
+        API_KEYS=f"schemathesis:{hashlib.sha256(key.encode()).hexdigest()}",
+        ALLOW_ANONYMOUS_WRITES="0",
+    )
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     result = subprocess.run(
@@ -46,6 +69,8 @@ def test_schemathesis_finds_nothing(live_server, tmp_path):
             str(config),
             "run",
             server.url("/openapi.json"),
+            "--header",
+            f"Authorization: Bearer {key}",
             "--checks",
             "all",
             "--exclude-checks",

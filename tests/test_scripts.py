@@ -145,6 +145,16 @@ def test_up_serves_seeded_data_and_cleans_up(up):
         body = instance.wait_serving("/api/products?page=1000&limit=10").json()
         assert [item["id"] for item in body["items"]] == list(range(9991, 10001))
         assert body["next_page"] is None
+        # A developer's server takes writes without a key, and says so once, at start.
+        said = "[faststock] writes need no API key here (ALLOW_ANONYMOUS_WRITES=1, for development"
+        assert instance.log.read_text().count(said) == 1
+        write = requests.post(
+            instance.url("/api/products/1/update-stock"),
+            json={"delta": 0},
+            headers={"Connection": "close"},
+            timeout=10,
+        )
+        assert write.status_code == 200, write.text
         pg_port, redis_port = instance.server_ports()
         assert instance.env_urls() == {
             "DATABASE_URL": f"postgresql://faststock@127.0.0.1:{pg_port}/faststock",
@@ -189,7 +199,8 @@ def test_two_instances_share_nothing_and_a_third_on_a_taken_port_is_refused(up):
     for path in ("/readyz", "/api/products/9999"):  # PostgreSQL and Redis both still answer
         response = first.get(path)
         assert response.status_code == 200, (path, response.text)
-    assert first.get("/readyz").json() == {"status": "ok", "postgres": "ok", "redis": "ok"}
+    ready = first.get("/readyz").json()
+    assert (ready["status"], ready["postgres"], ready["redis"]) == ("ok", "ok", "ok")
 
     first.stop()
     assert not first.dir.exists() and (datadir is None or not datadir.exists())
