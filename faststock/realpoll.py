@@ -41,8 +41,12 @@ class Watch:
     hit): the poll object is built once, so each check is the system call alone."""
 
     def __init__(self, fd: int) -> None:
+        self._fd = fd
         self._poller = poll()
         self._poller.register(fd, _EVENTS)
 
     def readable(self) -> bool:
-        return bool(self._poller.poll(0))
+        try:
+            return bool(self._poller.poll(0))
+        except RuntimeError:  # "concurrent poll() invocation": real threads (no gevent) share it
+            return readable(self._fd)

@@ -161,3 +161,34 @@ def test_a_hung_redis_never_brings_the_near_cache_back(make_app, private_redis):
     near.heartbeat()
     assert near.usable()
     near.invalidations.close()
+
+
+def test_the_change_channel_check_is_safe_from_real_threads():
+    """Outside gevent (tests, `flask run`) the keeper thread and requests check the channel at
+    once: one shared poll object refuses concurrent calls, which must never reach a request."""
+    import socket
+    import threading
+
+    from faststock import realpoll
+
+    left, right = socket.socketpair()
+    watch = realpoll.Watch(left.fileno())
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            for _ in range(20_000):
+                assert watch.readable() is False
+        except BaseException as exc:  # any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    right.send(b"x")
+    assert watch.readable() is True
+    left.close()
+    right.close()
+    assert errors == []
