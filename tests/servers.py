@@ -8,6 +8,7 @@ their own private instances, never the shared ones.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -396,3 +397,18 @@ def writing(server, product_ids: list[int], limit: int = 20_000) -> Iterator[lis
         stop.set()
         for t in threads:
             t.join(30)
+
+
+def fake_apt_bin(tmp_path: Path, apt_get: str) -> Path:
+    """A PATH directory for scripts/lib.sh's install steps with `apt-get` replaced by `apt_get`
+    (a shell script) and `sudo` by a pass-through: the tests of installing without starting a
+    service (nginx, Prometheus, PgBouncer) run lib.sh against it."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for tool in ("dirname", "id", "grep", "tee", "chmod", "rm", "env", "cat"):
+        (fake_bin / tool).symlink_to(shutil.which(tool))
+    (fake_bin / "apt-get").write_text(apt_get)
+    (fake_bin / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+    for stub in ("apt-get", "sudo"):
+        (fake_bin / stub).chmod(0o755)
+    return fake_bin

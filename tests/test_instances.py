@@ -42,6 +42,7 @@ from faststock.seed import seed
 from tests.servers import (
     ROOT,
     LiveServer,
+    fake_apt_bin,
     fire,
     first_hit_per_worker,
     free_port,
@@ -301,14 +302,7 @@ fi
 def test_nginx_is_installed_without_starting_its_service(tmp_path):
     """scripts/test's fs_ensure_nginx on a machine without nginx: Debian's package would start an
     nginx on port 80, so apt-get runs with a policy-rc.d refusing service starts, removed after."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for tool in ("dirname", "id", "grep", "tee", "chmod", "rm", "env", "cat"):
-        (fake_bin / tool).symlink_to(shutil.which(tool))
-    (fake_bin / "apt-get").write_text(FAKE_APT_GET)
-    (fake_bin / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
-    for stub in ("apt-get", "sudo"):
-        (fake_bin / stub).chmod(0o755)
+    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
     policy, log = tmp_path / "policy-rc.d", tmp_path / "apt.log"
     lib = ROOT / "scripts" / "lib.sh"
     result = subprocess.run(

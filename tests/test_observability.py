@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from tests.servers import BIN, LiveServer, free_port, poll
+from tests.servers import BIN, LiveServer, fake_apt_bin, free_port, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -206,14 +206,7 @@ def test_installing_prometheus_refuses_service_starts(tmp_path, existing):
     """fs_ensure_prometheus, as scripts/test runs it on a machine without prometheus: apt-get runs
     without recommends while a policy-rc.d refuses service starts (Debian's package would start
     a Prometheus otherwise), and that policy is gone afterwards, unless it was the machine's."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for tool in ("dirname", "id", "grep", "tee", "chmod", "rm", "env", "cat"):
-        (fake_bin / tool).symlink_to(shutil.which(tool))
-    (fake_bin / "apt-get").write_text(FAKE_APT_GET)
-    (fake_bin / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
-    for stub in ("apt-get", "sudo"):
-        (fake_bin / stub).chmod(0o755)
+    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
     policy = tmp_path / "policy-rc.d"
     machine_policy = "#!/bin/sh\nexit 0\n"
     if existing is not None:

@@ -35,6 +35,7 @@ from faststock.seed import product_row, seed
 from tests.servers import (
     BIN,
     ROOT,
+    fake_apt_bin,
     fire,
     free_port,
     poll,
@@ -534,14 +535,7 @@ def test_installing_pgbouncer_refuses_service_starts(tmp_path, existing):
     """fs_ensure_pgbouncer, as scripts/test runs it on a machine without PgBouncer: apt-get runs
     without recommends while a policy-rc.d refuses service starts (Debian's package would start
     a PgBouncer on port 6432), and that policy is gone afterwards, unless it was the machine's."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for tool in ("dirname", "id", "grep", "tee", "chmod", "rm", "env", "cat"):
-        (fake_bin / tool).symlink_to(shutil.which(tool))
-    (fake_bin / "apt-get").write_text(FAKE_APT_GET)
-    (fake_bin / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
-    for stub in ("apt-get", "sudo"):
-        (fake_bin / stub).chmod(0o755)
+    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
     policy = tmp_path / "policy-rc.d"
     machine_policy = "#!/bin/sh\nexit 0\n"
     if existing is not None:
