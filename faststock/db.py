@@ -405,21 +405,10 @@ def standalone_transaction(pool: Pool) -> Iterator[Cursor]:
 
     Errors surface as `Unavailable`, and the connection is discarded after any error.
     """
-    try:
-        conn = pool.acquire()
-    except (PoolTimeout, psycopg2.OperationalError) as exc:
-        raise Unavailable(f"database unavailable: {exc}") from None
-    broken = True
-    try:
-        with _cursor(conn, pool) as cur:
-            cur.execute("BEGIN")
-            yield cur
-            cur.execute("COMMIT")
-        broken = False
-    except (psycopg2.Error, QueryTimeout) as exc:
-        raise _translate(exc) from exc
-    finally:
-        pool.release(conn, discard=broken)
+    with pooled_cursor(pool, pool.observer) as cur:
+        cur.execute("BEGIN")
+        yield cur
+        cur.execute("COMMIT")
 
 
 @contextmanager
