@@ -68,7 +68,10 @@ class Invalidations:
         with self._lock:
             self._close()
             try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                # Subscribe confirmations are kept, not ignored: redis-py answers an ignored one
+                # with None, the same None as "nothing left", and a drain that stopped there
+                # would leave a change buffered behind a late confirmation, unseen by poll(2).
+                pubsub = self.client.pubsub()
                 pubsub.subscribe(CHANNEL)
                 pubsub.get_message(timeout=self.client.get_connection_kwargs()["socket_timeout"])
             except Exception as exc:

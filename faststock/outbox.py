@@ -69,6 +69,8 @@ class Keeper:
     def write_missed(self) -> None:
         """A committed change could not be written through to Redis: no worker of this host may
         read Redis until the outbox has been replayed."""
+        if not shared.is_dirty():
+            log.warning("a committed change missed Redis; reading PostgreSQL until it is replayed")
         shared.mark_dirty()
         self.wake()
 

@@ -731,3 +731,4 @@ def test_a_write_on_an_instance_cut_off_from_redis_reaches_the_others_within_a_s
     finally:
         partitioned.link.restore()
     assert last is None or last < bound, f"old stock {last:.2f} s after the write answered"
+    assert "a committed change missed Redis" in partitioned.cut_off.log()  # the operator hears

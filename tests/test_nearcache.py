@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 import requests
 
 from faststock import shared
-from faststock.cache import encode_entry
+from faststock.cache import CHANNEL, encode_entry
 from faststock.nearcache import get_near
 from faststock.outbox import SWEEP_SECONDS
 from tests.servers import first_hit_per_worker, poll
@@ -72,6 +73,18 @@ def test_another_hosts_change_arrives_through_redis(near, make_app):
     near.put_product(5, entry(1, 1), near.begin(5))
     assert other.test_client().post("/api/products/5/update-stock", json={"stock": 55}).json
     assert poll(lambda: near.usable() and near.product(5) is None, within=2)
+
+
+def test_a_change_behind_a_late_subscribe_confirmation_is_not_left_unread(near, redis_url):
+    """Under load a subscribe may be confirmed late, in the same read as the next change. The
+    drain must not stop at the confirmation with the change left in redis-py's buffer, where no
+    poll(2) of the socket can see it, and serve the old entry meanwhile."""
+    near.put_product(12, entry(1, 12), near.begin(12))
+    invalidations = near.invalidations
+    invalidations._pubsub.subscribe("fs1:elsewhere")  # sent; its confirmation left unread
+    assert poll(invalidations._watch.readable, within=2)  # the confirmation is on the socket
+    redis.Redis.from_url(redis_url).publish(CHANNEL, b"12")  # the change is behind it
+    assert near.usable() and near.product(12) is None
 
 
 def test_the_near_cache_stands_aside_when_the_channel_breaks(near, make_app, private_redis):
