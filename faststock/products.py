@@ -72,7 +72,19 @@ def _load(key: object, state: str, load: Callable[[], T]) -> tuple[T, bool]:
     return get_flight().do(key, load, limit)
 
 
-def _load_product(cache: Cache, product_id: int, use_cache: bool) -> bytes | None:
+def _load_product(cache: Cache, product_id: int, use_cache: bool, seen: int) -> bytes | None:
+    """The product's entry from the database, filled into Redis; `seen` is the flight's
+    `finished` count read before this request missed Redis.
+
+    A miss that comes too late to join the load of a stampede (it read Redis before that load
+    filled it, and asked to load after the load had ended) finds the entry by reading Redis
+    again: a cold key costs one query per worker, not one more per straggler.
+    """
+    if use_cache and get_flight().finished_since(seen):
+        state, raw = cache.get_product(product_id)
+        if raw is not None:
+            return raw
+        use_cache = state == MISS
     row = replicas.read(lambda cur: queries.fetch_product(cur, product_id), replica=use_cache)
     if row is None:
         if use_cache:
@@ -110,10 +122,11 @@ def _product(product_id: int, endpoint: str) -> tuple[bytes, int, str]:
             return hit[0], hit[1], HIT
         token = near.begin(product_id)  # before Redis is read: a change after it drops the entry
     cache = get_cache()
+    seen = get_flight().finished
     state, raw = cache.get_product(product_id)
     if raw is None:
         raw, _ = _load(
-            ("p", product_id), state, lambda: _load_product(cache, product_id, state == MISS)
+            ("p", product_id), state, lambda: _load_product(cache, product_id, state == MISS, seen)
         )
     count_read(endpoint, state, NEAR_OFF if token is None else NEAR_MISS)
     entry = decode_entry(raw) if raw is not None else None

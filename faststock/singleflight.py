@@ -22,6 +22,13 @@ class SingleFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[object, _Call] = {}
+        self.finished = 0  # loads completed in this process, of any key
+
+    def finished_since(self, seen: int) -> bool:
+        """Whether a load completed since `finished` was `seen`: one that began before a caller
+        looked in the cache may have filled it after, so the caller should look again before
+        loading (it arrived too late to join that load)."""
+        return self.finished != seen
 
     def do(self, key: object, load: Callable[[], T], timeout: float) -> tuple[T, bool]:
         """(result, shared): `shared` is True when the result came from another caller's load,
@@ -49,6 +56,7 @@ class SingleFlight:
         finally:
             with self._lock:
                 del self._calls[key]
+                self.finished += 1
             call.done.set()
         return call.result, False
 

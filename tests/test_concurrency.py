@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from faststock import queries
+from faststock.cache import get_cache
 from faststock.singleflight import get_flight
 from tests.servers import fire, poll, wait_for_lock_waiter
 
@@ -104,6 +105,37 @@ def test_concurrent_misses_share_one_query_in_process(app, sql, database_url):
     for t in threads:
         t.join(20)
     assert results == [200] * clients
+    assert statement_calls(sql, FETCH_PRODUCT) - before == 1
+
+
+def test_a_miss_too_late_to_join_a_load_reads_redis_again(app, sql, monkeypatch):
+    """A stampede's straggler: it missed Redis before the leader filled it, and asks to load
+    after the leader's load has ended, so there is nothing left to join. It must find the entry
+    in Redis rather than run the query again (the live stampede below, made deterministic)."""
+    cache = get_cache(app)
+    real_get = cache.get_product
+    missed, leader_done = threading.Event(), threading.Event()
+
+    def held_after_its_miss(product_id: int):  # the straggler's first look only
+        answer = real_get(product_id)
+        if threading.current_thread().name == "straggler" and not missed.is_set():
+            missed.set()
+            assert leader_done.wait(20)
+        return answer
+
+    monkeypatch.setattr(cache, "get_product", held_after_its_miss)
+    before = statement_calls(sql, FETCH_PRODUCT)
+    results: list[int] = []
+    straggler = threading.Thread(
+        target=lambda: results.append(app.test_client().get("/api/products/79").status_code),
+        name="straggler",
+    )
+    straggler.start()
+    assert missed.wait(20)
+    leader = app.test_client().get("/api/products/79")  # loads and fills Redis
+    leader_done.set()
+    straggler.join(20)
+    assert (leader.status_code, leader.headers["X-Cache"], results) == (200, "MISS", [200])
     assert statement_calls(sql, FETCH_PRODUCT) - before == 1
 
 
