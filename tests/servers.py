@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -160,11 +160,18 @@ class PgServer:
     def pause(self) -> None:
         """Freeze the server and its backends: sockets stay open, nothing answers."""
         for pid in self._processes():
-            os.kill(pid, signal.SIGSTOP)
+            _signal(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        for pid in self._processes():
-            os.kill(pid, signal.SIGCONT)
+        """Backends first: once the postmaster runs it reaps those that had already exited."""
+        for pid in reversed(self._processes()):
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, signum: int) -> None:
+    """Signal a process of a server; one that has exited since it was listed needs nothing."""
+    with suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 GUNICORN = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "faststock.wsgi:app"]
