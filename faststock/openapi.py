@@ -65,6 +65,12 @@ _RATE_LIMITED = _json(
             "description": "the Unix time the current window ends",
             "schema": {"type": "integer"},
         },
+        "RateLimit-Limit": {"schema": {"type": "integer", "minimum": 1}},
+        "RateLimit-Remaining": {"schema": {"type": "integer", "minimum": 0}},
+        "RateLimit-Reset": {
+            "description": "seconds until the current window ends",
+            "schema": {"type": "integer", "minimum": 0},
+        },
     },
 )
 # Writes need a key (unless the server allows anonymous writes); reads may carry one, and need

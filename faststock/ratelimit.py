@@ -15,7 +15,8 @@ to the limit from each worker. The limiter's Redis calls go through the cache's 
 
 Over the limit: 429 `rate_limited` with `Retry-After` (seconds), and on every limited answer
 Flask-Limiter's headers: `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (the
-Unix time the window ends).
+Unix time the window ends), and the same under the IETF draft's names, `RateLimit-Limit`,
+`RateLimit-Remaining` and `RateLimit-Reset` (seconds to the window's end).
 
 With no limit set there is no limiter at all; with one, Flask-Limiter's hooks run only for the
 requests a limit applies to (`_gate`), so a write limit costs reads nothing: on every other
@@ -25,12 +26,15 @@ request they would cost some 20 µs of CPU, a tenth of a read through Flask.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from contextlib import suppress
 from contextvars import ContextVar
 from typing import Any
 
 from flask import Flask, Response, request
 from flask_limiter import Limiter, RateLimitExceeded
+from werkzeug.datastructures import Headers
 
 from . import auth
 from .cache import get_cache
@@ -72,6 +76,7 @@ def _gate(app: Flask, limiter: Limiter, methods: frozenset[str]) -> None:
             kept = response.headers.get("Retry-After")
             for hook in responses:
                 response = _twice(hook, response) or response
+            _draft_headers(response.headers)
             if response.status_code != 429:
                 # Flask-Limiter puts the window's end in Retry-After on every answer, a 503's
                 # own one second included; it means that only on a 429.
@@ -90,6 +95,22 @@ def _gate(app: Flask, limiter: Limiter, methods: frozenset[str]) -> None:
     app.before_request(check)
     app.after_request(respond)
     app.teardown_request(tear_down)
+
+
+def _draft_headers(headers: Headers) -> None:
+    """Flask-Limiter's X-RateLimit-* fields, repeated under the IETF draft's names
+    (draft-ietf-httpapi-ratelimit-headers, `RateLimit-Limit`, `RateLimit-Remaining` and
+    `RateLimit-Reset`, the last in seconds from now), for clients that read either."""
+    limit = headers.get("X-RateLimit-Limit")
+    if limit is None:
+        return
+    headers["RateLimit-Limit"] = limit
+    headers["RateLimit-Remaining"] = headers.get("X-RateLimit-Remaining", "0")
+    reset = headers.get("X-RateLimit-Reset")
+    if reset is not None:
+        with suppress(ValueError):  # not a time: left out rather than guessed
+            # Whole seconds as Flask-Limiter counts its Retry-After, so the two agree on a 429.
+            headers["RateLimit-Reset"] = str(max(0, int(float(reset) - time.time())))
 
 
 def _twice(hook: Hook, *args: Any) -> Any:

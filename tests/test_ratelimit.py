@@ -85,15 +85,20 @@ def test_write_limit_is_one_allowance_across_both_workers(live_server, sql):
     assert refused.headers["X-RateLimit-Limit"] == "10"
     assert refused.headers["X-RateLimit-Remaining"] == "0"
     assert int(refused.headers["X-RateLimit-Reset"]) > time.time()
+    # The same under the IETF draft's names, the reset in seconds from now.
+    assert refused.headers["RateLimit-Limit"] == "10"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert 0 < int(refused.headers["RateLimit-Reset"]) <= 3600
     assert refused.headers["X-Content-Type-Options"] == "nosniff"
     assert refused.headers["Cache-Control"] == "no-store"
     allowed = keyed_b[0]
-    assert allowed.headers["X-RateLimit-Limit"] == "10"
+    assert allowed.headers["X-RateLimit-Limit"] == allowed.headers["RateLimit-Limit"] == "10"
+    assert allowed.headers["RateLimit-Remaining"] == allowed.headers["X-RateLimit-Remaining"]
     assert "Retry-After" not in allowed.headers  # it means something on a 429 only
     # Reads are not limited, and carry none of it.
     reads = [requests.get(server.url("/api/products/5"), timeout=10) for _ in range(30)]
     assert {r.status_code for r in reads} == {200}
-    assert not [r for r in reads if "X-RateLimit-Limit" in r.headers]
+    assert not [r for r in reads if {"X-RateLimit-Limit", "RateLimit-Limit"} & set(r.headers)]
 
 
 def test_read_limit_per_address_and_the_fast_lane_stands_aside(live_server):
