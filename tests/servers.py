@@ -15,9 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -406,16 +407,71 @@ def writing(server, product_ids: list[int], limit: int = 20_000) -> Iterator[lis
             t.join(30)
 
 
-def fake_apt_bin(tmp_path: Path, apt_get: str) -> Path:
-    """A PATH directory for scripts/lib.sh's install steps with `apt-get` replaced by `apt_get`
-    (a shell script) and `sudo` by a pass-through: the tests of installing without starting a
-    service (nginx, Prometheus, PgBouncer) run lib.sh against it."""
+MACHINE_POLICY = "#!/bin/sh\nexit 0\n"  # a policy-rc.d of the machine's own: starts allowed
+OUR_LEFTOVER_POLICY = "#!/bin/sh\n# faststock\nexit 101\n"  # marked: an interrupted install's
+
+
+@dataclass
+class FakeInstall:
+    result: subprocess.CompletedProcess[str]
+    lines: list[str]  # the stand-in apt-get's log: its arguments, and the policy-rc.d's answer
+    policy: Path
+    fake_bin: Path
+
+    @property
+    def install(self) -> str:
+        """The `apt-get install` line."""
+        return next(line for line in self.lines if " install " in line)
+
+
+def install_with_fake_apt(
+    tmp_path: Path,
+    command: str,
+    service: str,
+    tools: Sequence[str] = (),
+    existing: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> FakeInstall:
+    """Run `command` with scripts/lib.sh sourced, the way the tests of installing without starting
+    a service (nginx, Prometheus, PgBouncer) need it: apt-get is a stand-in that logs its
+    arguments and what the policy-rc.d answers a start of `service` while it installs, then
+    "installs" `tools` (empty scripts in the PATH directory); sudo passes through. `existing` is
+    the policy-rc.d there before: None, "ours" (OUR_LEFTOVER_POLICY) or "the machine's"
+    (MACHINE_POLICY)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     for tool in ("dirname", "id", "grep", "tee", "chmod", "rm", "env", "cat"):
         (fake_bin / tool).symlink_to(shutil.which(tool))
-    (fake_bin / "apt-get").write_text(apt_get)
+    (fake_bin / "apt-get").write_text(
+        "#!/bin/sh\n"
+        'echo "apt-get $*" >>"$FAKE_LOG"\n'
+        'if [ "$1" = install ]; then\n'
+        f'  if [ -x "$FS_POLICY_RC_D" ]; then "$FS_POLICY_RC_D" {service} start; fi\n'
+        '  echo "policy-rc.d: $?" >>"$FAKE_LOG"\n'
+        f"  for tool in {' '.join(tools)}; do\n"
+        """    printf '#!/bin/sh\\n' >"$FAKE_BIN/$tool" && chmod +x "$FAKE_BIN/$tool"\n"""
+        "  done\n"
+        "fi\n"
+    )
     (fake_bin / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
     for stub in ("apt-get", "sudo"):
         (fake_bin / stub).chmod(0o755)
-    return fake_bin
+    policy, log = tmp_path / "policy-rc.d", tmp_path / "apt.log"
+    if existing is not None:
+        policy.write_text(OUR_LEFTOVER_POLICY if existing == "ours" else MACHINE_POLICY)
+        policy.chmod(0o755)
+    result = subprocess.run(
+        ["/bin/bash", "-c", f'source "{ROOT / "scripts" / "lib.sh"}" && {command}'],
+        env={
+            "PATH": str(fake_bin),
+            "FS_POLICY_RC_D": str(policy),
+            "FAKE_LOG": str(log),
+            "FAKE_BIN": str(fake_bin),
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    lines = log.read_text().splitlines() if log.exists() else []
+    return FakeInstall(result, lines, policy, fake_bin)

@@ -42,11 +42,11 @@ from faststock.seed import seed
 from tests.servers import (
     ROOT,
     LiveServer,
-    fake_apt_bin,
     fire,
     first_hit_per_worker,
     free_port,
     get,
+    install_with_fake_apt,
     poll,
     post_stock,
 )
@@ -288,33 +288,13 @@ def test_nginx_own_errors_are_the_apis_json_errors(tmp_path):
     assert health.json() == {"status": "ok"}
 
 
-# Stands in for apt-get: logs its arguments and whether a service start would be refused while it
-# installs (the policy-rc.d exits 101).
-FAKE_APT_GET = """#!/bin/sh
-echo "apt-get $*" >>"$FAKE_LOG"
-if [ "$1" = install ]; then
-  "$FS_POLICY_RC_D" nginx start
-  echo "policy-rc.d: $?" >>"$FAKE_LOG"
-fi
-"""
-
-
 def test_nginx_is_installed_without_starting_its_service(tmp_path):
     """scripts/test's fs_ensure_nginx on a machine without nginx: Debian's package would start an
     nginx on port 80, so apt-get runs with a policy-rc.d refusing service starts, removed after."""
-    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
-    policy, log = tmp_path / "policy-rc.d", tmp_path / "apt.log"
-    lib = ROOT / "scripts" / "lib.sh"
-    result = subprocess.run(
-        ["/bin/bash", "-c", f'source "{lib}" && fs_install_without_starting nginx nginx nginx'],
-        env={"PATH": str(fake_bin), "FS_POLICY_RC_D": str(policy), "FAKE_LOG": str(log)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = install_with_fake_apt(tmp_path, "fs_install_without_starting nginx nginx nginx", "nginx")
+    result, lines, policy = done.result, done.lines, done.policy
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = log.read_text().splitlines()
-    install = next(line for line in lines if " install " in line)
+    install = done.install
     assert "--no-install-recommends" in install and install.endswith(" nginx"), install
     assert "policy-rc.d: 101" in lines, lines
     assert not policy.exists(), "the policy-rc.d of the install was left behind"

@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from tests.servers import BIN, LiveServer, fake_apt_bin, free_port, poll
+from tests.servers import BIN, MACHINE_POLICY, LiveServer, free_port, install_with_fake_apt, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -187,55 +187,28 @@ def test_compose_runs_the_prometheus_major_version_promtool_checked():
 
 # --- installing prometheus -----------------------------------------------------------------------
 
-# Stands in for apt-get: logs its arguments and whether a service start would be refused right
-# now (policy-rc.d exits 101), then "installs" prometheus and promtool.
-FAKE_APT_GET = """#!/bin/sh
-echo "apt-get $*" >>"$FAKE_LOG"
-if [ "$1" = install ]; then
-  if [ -x "$FS_POLICY_RC_D" ]; then "$FS_POLICY_RC_D" prometheus start; fi
-  echo "policy-rc.d: $?" >>"$FAKE_LOG"
-  for tool in prometheus promtool; do printf '#!/bin/sh\\n' >"$FAKE_BIN/$tool"; done
-  chmod +x "$FAKE_BIN/prometheus" "$FAKE_BIN/promtool"
-fi
-"""
-LIB = ROOT / "scripts" / "lib.sh"
-
 
 @pytest.mark.parametrize("existing", [None, "ours", "the machine's"])
 def test_installing_prometheus_refuses_service_starts(tmp_path, existing):
     """fs_ensure_prometheus, as scripts/test runs it on a machine without prometheus: apt-get runs
     without recommends while a policy-rc.d refuses service starts (Debian's package would start
-    a Prometheus otherwise), and that policy is gone afterwards, unless it was the machine's."""
-    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
-    policy = tmp_path / "policy-rc.d"
-    machine_policy = "#!/bin/sh\nexit 0\n"
-    if existing is not None:
-        # A leftover of an interrupted install of ours is marked; the machine's is not.
-        policy.write_text(
-            "#!/bin/sh\n# faststock\nexit 101\n" if existing == "ours" else machine_policy
-        )
-        policy.chmod(0o755)
-    log = tmp_path / "apt.log"
-    result = subprocess.run(
-        ["/bin/bash", "-c", f'source "{LIB}" && fs_ensure_prometheus && echo "$FS_PROMTOOL"'],
-        env={
-            "PATH": str(fake_bin),
-            "FS_POLICY_RC_D": str(policy),
-            "FAKE_LOG": str(log),
-            "FAKE_BIN": str(fake_bin),
-        },
-        capture_output=True,
-        text=True,
-        timeout=30,
+    a Prometheus otherwise), and that policy is gone afterwards, unless it was the machine's.
+    A leftover of an interrupted install of ours is marked; the machine's is not."""
+    done = install_with_fake_apt(
+        tmp_path,
+        'fs_ensure_prometheus && echo "$FS_PROMTOOL"',
+        "prometheus",
+        ("prometheus", "promtool"),
+        existing,
     )
+    result, lines, policy = done.result, done.lines, done.policy
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == str(fake_bin / "promtool")
-    lines = log.read_text().splitlines()
-    install = next(line for line in lines if " install " in line)
+    assert result.stdout.strip() == str(done.fake_bin / "promtool")
+    install = done.install
     assert "--no-install-recommends" in install and install.endswith(" prometheus"), install
     if existing == "the machine's":
         assert "policy-rc.d: 0" in lines, lines  # theirs decides, and stays as it was
-        assert policy.read_text() == machine_policy
+        assert policy.read_text() == MACHINE_POLICY
     else:
         assert "policy-rc.d: 101" in lines, lines
         assert not policy.exists(), "the policy-rc.d of the install was left behind"

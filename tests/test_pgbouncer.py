@@ -34,10 +34,11 @@ from faststock.db import Pool, init_db
 from faststock.seed import product_row, seed
 from tests.servers import (
     BIN,
+    MACHINE_POLICY,
     ROOT,
-    fake_apt_bin,
     fire,
     free_port,
+    install_with_fake_apt,
     poll,
     post_stock,
     row_locked,
@@ -45,7 +46,6 @@ from tests.servers import (
 )
 
 POOL_SIZE = 4
-LIB = ROOT / "scripts" / "lib.sh"
 
 
 class PgBouncer:
@@ -517,54 +517,28 @@ def test_gunicorn_through_a_pool_smaller_than_its_clients(bouncer, live_server, 
 
 # --- installing PgBouncer -------------------------------------------------------------------
 
-# Stands in for apt-get: logs its arguments and whether a service start would be refused right
-# now (policy-rc.d exits 101), then "installs" pgbouncer.
-FAKE_APT_GET = """#!/bin/sh
-echo "apt-get $*" >>"$FAKE_LOG"
-if [ "$1" = install ]; then
-  if [ -x "$FS_POLICY_RC_D" ]; then "$FS_POLICY_RC_D" pgbouncer start; fi
-  echo "policy-rc.d: $?" >>"$FAKE_LOG"
-  printf '#!/bin/sh\\n' >"$FAKE_BIN/pgbouncer"
-  chmod +x "$FAKE_BIN/pgbouncer"
-fi
-"""
-
 
 @pytest.mark.parametrize("existing", [None, "ours", "the machine's"])
 def test_installing_pgbouncer_refuses_service_starts(tmp_path, existing):
     """fs_ensure_pgbouncer, as scripts/test runs it on a machine without PgBouncer: apt-get runs
     without recommends while a policy-rc.d refuses service starts (Debian's package would start
     a PgBouncer on port 6432), and that policy is gone afterwards, unless it was the machine's."""
-    fake_bin = fake_apt_bin(tmp_path, FAKE_APT_GET)
-    policy = tmp_path / "policy-rc.d"
-    machine_policy = "#!/bin/sh\nexit 0\n"
-    if existing is not None:
-        policy.write_text(
-            "#!/bin/sh\n# faststock\nexit 101\n" if existing == "ours" else machine_policy
-        )
-        policy.chmod(0o755)
-    log = tmp_path / "apt.log"
-    result = subprocess.run(
-        ["/bin/bash", "-c", f'source "{LIB}" && fs_ensure_pgbouncer && echo "$FS_PGBOUNCER"'],
-        env={
-            "PATH": str(fake_bin),
-            "FS_POLICY_RC_D": str(policy),
-            "FS_SBIN": str(tmp_path / "sbin"),  # not this machine's /usr/sbin/pgbouncer
-            "FAKE_LOG": str(log),
-            "FAKE_BIN": str(fake_bin),
-        },
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = install_with_fake_apt(
+        tmp_path,
+        'fs_ensure_pgbouncer && echo "$FS_PGBOUNCER"',
+        "pgbouncer",
+        ("pgbouncer",),
+        existing,
+        env={"FS_SBIN": str(tmp_path / "sbin")},  # not this machine's /usr/sbin/pgbouncer
     )
+    result, lines, policy = done.result, done.lines, done.policy
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == str(fake_bin / "pgbouncer")
-    lines = log.read_text().splitlines()
-    install = next(line for line in lines if " install " in line)
+    assert result.stdout.strip() == str(done.fake_bin / "pgbouncer")
+    install = done.install
     assert "--no-install-recommends" in install and install.endswith(" pgbouncer"), install
     if existing == "the machine's":
         assert "policy-rc.d: 0" in lines, lines
-        assert policy.read_text() == machine_policy
+        assert policy.read_text() == MACHINE_POLICY
     else:
         assert "policy-rc.d: 101" in lines, lines
         assert not policy.exists(), "the policy-rc.d of the install was left behind"
