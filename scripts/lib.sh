@@ -119,12 +119,12 @@ fs_ensure_prometheus() {
   export FS_PROMETHEUS FS_PROMTOOL
 }
 
-# fs_find_pgbouncer: the pgbouncer binary. Debian puts it in /usr/sbin, off a user's PATH
-# (FS_SBIN: that directory, for the tests).
-fs_find_pgbouncer() {
-  local sbin=${FS_SBIN:-/usr/sbin}
-  command -v pgbouncer 2>/dev/null && return 0
-  [ -x "$sbin/pgbouncer" ] && { echo "$sbin/pgbouncer"; return 0; }
+# fs_find_sbin NAME: the path of a server binary, on PATH or where Debian puts pgbouncer and
+# nginx, in /usr/sbin, off a user's PATH (FS_SBIN: that directory, for the tests).
+fs_find_sbin() {
+  local name=$1 sbin=${FS_SBIN:-/usr/sbin}
+  command -v "$name" 2>/dev/null && return 0
+  [ -x "$sbin/$name" ] && { echo "$sbin/$name"; return 0; }
   return 1
 }
 
@@ -132,9 +132,9 @@ fs_find_pgbouncer() {
 # runs the API through one of its own). Debian's package would start a pgbouncer service on port
 # 6432: see fs_install_without_starting.
 fs_ensure_pgbouncer() {
-  if ! FS_PGBOUNCER=$(fs_find_pgbouncer); then
+  if ! FS_PGBOUNCER=$(fs_find_sbin pgbouncer); then
     fs_install_without_starting pgbouncer pgbouncer pgbouncer
-    FS_PGBOUNCER=$(fs_find_pgbouncer) || fs_die "pgbouncer installed but not found"
+    FS_PGBOUNCER=$(fs_find_sbin pgbouncer) || fs_die "pgbouncer installed but not found"
   fi
   export FS_PGBOUNCER
 }
@@ -167,20 +167,13 @@ fs_install_without_starting() {
   fi
 }
 
-# fs_find_nginx: the nginx binary (Debian puts it in /usr/sbin, off a user's PATH).
-fs_find_nginx() {
-  command -v nginx 2>/dev/null && return 0
-  [ -x /usr/sbin/nginx ] && { echo /usr/sbin/nginx; return 0; }
-  return 1
-}
-
 # fs_ensure_nginx: sets FS_NGINX, installing nginx if needed (tests/test_instances.py runs one
 # in front of two gunicorn instances, on a loopback port with every file under its tmp dir).
 # Debian's package would start an nginx on port 80: see fs_install_without_starting.
 fs_ensure_nginx() {
-  if ! FS_NGINX=$(fs_find_nginx); then
+  if ! FS_NGINX=$(fs_find_sbin nginx); then
     fs_install_without_starting nginx nginx nginx
-    FS_NGINX=$(fs_find_nginx) || fs_die "nginx installed but not found"
+    FS_NGINX=$(fs_find_sbin nginx) || fs_die "nginx installed but not found"
   fi
   export FS_NGINX
 }

@@ -338,15 +338,28 @@ def wait_for_lock_waiter(
     assert blocked, "the write never blocked on the row lock"
 
 
-def post_stock(server, product_id: int, **body: int) -> requests.Response:
-    """POST update-stock without keep-alive: an idle kept-alive socket would hold gunicorn's
-    graceful shutdown for its whole timeout when the fixture stops the server."""
-    return requests.post(
+def post_stock(
+    server, product_id: int, *, key: str | None = None, timeout: float = 30, **body: int
+) -> requests.Response:
+    """POST update-stock (with an Idempotency-Key if `key`) without keep-alive: an idle
+    kept-alive socket would hold gunicorn's graceful shutdown for its whole timeout when the
+    fixture stops the server."""
+    headers = {"Connection": "close"}
+    if key:
+        headers["Idempotency-Key"] = key
+    response = requests.post(
         server.url(f"/api/products/{product_id}/update-stock"),
         json=body,
-        timeout=30,
-        headers={"Connection": "close"},
+        timeout=timeout,
+        headers=headers,
     )
+    response.close()
+    return response
+
+
+def post_delta(server, product_id: int, amount: int, key: str | None = None) -> requests.Response:
+    """A stock delta, with the minute of patience a storm of concurrent writers may need."""
+    return post_stock(server, product_id, key=key, timeout=60, delta=amount)
 
 
 def get(server, path: str, timeout: float = 10) -> requests.Response:

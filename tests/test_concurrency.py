@@ -14,7 +14,7 @@ import requests
 from faststock import queries
 from faststock.cache import get_cache
 from faststock.singleflight import get_flight
-from tests.servers import fire, poll, wait_for_lock_waiter
+from tests.servers import fire, poll, post_delta, wait_for_lock_waiter
 
 FETCH_PRODUCT = f"SELECT {queries.PRODUCT_COLUMNS} FROM products WHERE id = $1"
 
@@ -32,19 +32,6 @@ def statement_calls(sql, query: str) -> int:
     return int(rows[0][0])
 
 
-def delta(server, product_id: int, amount: int, key: str | None = None) -> requests.Response:
-    headers = {"Idempotency-Key": key} if key else {}
-    headers["Connection"] = "close"
-    response = requests.post(
-        server.url(f"/api/products/{product_id}/update-stock"),
-        json={"delta": amount},
-        headers=headers,
-        timeout=60,
-    )
-    response.close()
-    return response
-
-
 def every_view_of(server, product_id: int, page_limit: int = 10) -> tuple[int, int, int]:
     """The stock as the product endpoint, the stock endpoint and its list page show it."""
     product = requests.get(server.url(f"/api/products/{product_id}")).json()["stock"]
@@ -59,7 +46,7 @@ def test_300_buyers_for_100_items_never_oversell(live_server, sql):
     sql("UPDATE products SET stock = 100 WHERE id = 9")
     server = live_server(DB_POOL_SIZE="5")
     assert every_view_of(server, 9) == (100, 100, 100)  # cached before the rush
-    responses = fire([lambda: delta(server, 9, -1)] * 300)
+    responses = fire([lambda: post_delta(server, 9, -1)] * 300)
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) == 100
     assert statuses.count(409) == 200
@@ -72,7 +59,7 @@ def test_300_buyers_for_100_items_never_oversell(live_server, sql):
 def test_50_concurrent_retries_apply_once(live_server, sql, changes):
     sql("UPDATE products SET stock = 500 WHERE id = 11")
     server = live_server()
-    responses = fire([lambda: delta(server, 11, -7, key="checkout-42")] * 50)
+    responses = fire([lambda: post_delta(server, 11, -7, key="checkout-42")] * 50)
     assert {r.status_code for r in responses} == {200}
     assert {r.content for r in responses} == {b'{"id":11,"stock":493}'}
     replayed = [r for r in responses if r.headers.get("Idempotent-Replayed") == "true"]

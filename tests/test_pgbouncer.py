@@ -40,6 +40,7 @@ from tests.servers import (
     free_port,
     install_with_fake_apt,
     poll,
+    post_delta,
     post_stock,
     row_locked,
     wait_for_lock_waiter,
@@ -438,20 +439,6 @@ def test_no_session_state_outlives_a_transaction(bouncer, fresh, make_app, sql):
 # --- gunicorn through PgBouncer -------------------------------------------------------------
 
 
-def _delta(server, product_id: int, amount: int, key: str | None = None) -> requests.Response:
-    headers = {"Connection": "close"}
-    if key:
-        headers["Idempotency-Key"] = key
-    response = requests.post(
-        server.url(f"/api/products/{product_id}/update-stock"),
-        json={"delta": amount},
-        headers=headers,
-        timeout=60,
-    )
-    response.close()
-    return response
-
-
 def test_gunicorn_through_a_pool_smaller_than_its_clients(bouncer, live_server, fresh, sql):
     """2 gevent workers x DB_POOL_SIZE 8 client connections share 4 server connections: no
     oversell, each key applied once, a lock wait still cancelled by PostgreSQL before the
@@ -467,9 +454,9 @@ def test_gunicorn_through_a_pool_smaller_than_its_clients(bouncer, live_server, 
     sql("UPDATE products SET stock = 25 WHERE id = 9")
     sql("UPDATE products SET stock = 500 WHERE id = 11")
     before = sql("SELECT stock FROM products WHERE id = 12")[0][0]
-    calls = [lambda: _delta(server, 9, -1)] * 50
-    calls += [lambda: _delta(server, 11, -7, key="checkout-through-pgbouncer")] * 20
-    calls += [lambda i=i: _delta(server, 12, 1, key=f"add-{i}") for i in range(30)]
+    calls = [lambda: post_delta(server, 9, -1)] * 50
+    calls += [lambda: post_delta(server, 11, -7, key="checkout-through-pgbouncer")] * 20
+    calls += [lambda i=i: post_delta(server, 12, 1, key=f"add-{i}") for i in range(30)]
     responses = fire(calls)
 
     sold = responses[:50]
@@ -479,7 +466,7 @@ def test_gunicorn_through_a_pool_smaller_than_its_clients(bouncer, live_server, 
     assert {(r.status_code, r.content) for r in retried} == {(200, b'{"id":11,"stock":493}')}
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in retried) == 19
     assert {r.status_code for r in responses[70:]} == {200}
-    again = _delta(server, 12, 1, key="add-0")
+    again = post_delta(server, 12, 1, key="add-0")
     assert again.headers["Idempotent-Replayed"] == "true"
     assert sql("SELECT id, stock FROM products WHERE id IN (9, 11, 12) ORDER BY id") == [
         (9, 0),
