@@ -93,29 +93,34 @@ class Invalidations:
                 log.info("change channel lost: %s", exc)
                 self._close()
 
-    def drain(self) -> list[bytes] | None:
-        """Every change message received so far (payloads; usually none), or None when the
-        channel is down or has been silent past HEARTBEAT_SECONDS. Called before every hit."""
+    def drain(self, apply: Callable[[bytes], None]) -> bool:
+        """Hand every change message received so far to `apply`, each as soon as it is read;
+        False when the channel is down or has been silent past HEARTBEAT_SECONDS. Called before
+        every hit.
+
+        Applied as read, not collected and applied after: redis-py checks its socket with
+        `select.poll`, which under gevent yields to other greenlets, and a hit served meanwhile
+        finds the socket empty (its bytes read here) while the change is not applied yet.
+        """
         pubsub, watch = self._pubsub, self._watch
         if pubsub is None or watch is None or time.monotonic() - self._heard >= HEARTBEAT_SECONDS:
-            return None
+            return False
         # One poll(2) when nothing came: the common case. When something did, read until
         # redis-py has nothing left, buffered or not: anything newer must then arrive on the
         # socket, which the next poll sees.
         if not watch.readable():
-            return []
+            return True
         with self._lock:
-            payloads: list[bytes] = []
             try:
                 while (message := pubsub.get_message(timeout=0)) is not None:
                     self._heard = time.monotonic()
                     if message["type"] == "message":
-                        payloads.append(message["data"])
+                        apply(message["data"])
             except Exception as exc:
                 log.info("change channel lost: %s", exc)
                 self._close()
-                return None
-            return payloads
+                return False
+            return True
 
     def _close(self) -> None:
         if self._pubsub is not None:
@@ -159,10 +164,7 @@ class NearCache:
         """
         if not self._trusted:
             return False
-        payloads = self.invalidations.drain()
-        if payloads:
-            self._apply(payloads)
-        if payloads is None or self._breaker.is_open or shared.is_dirty():
+        if not self.invalidations.drain(self._apply) or self._breaker.is_open or shared.is_dirty():
             self.distrust()
             return False
         return True
@@ -188,15 +190,14 @@ class NearCache:
             self._trusted = True
         self.invalidations.ping()
 
-    def _apply(self, payloads: list[bytes]) -> None:
-        for payload in payloads:
-            if payload == FLUSH_ALL:
-                self.flush()
-            else:
-                ids = [int(i) for i in payload.split(b",") if i]
-                self.changed(ids)
-                if self.on_invalidated is not None:
-                    self.on_invalidated("channel", len(ids))
+    def _apply(self, payload: bytes) -> None:
+        if payload == FLUSH_ALL:
+            self.flush()
+        else:
+            ids = [int(i) for i in payload.split(b",") if i]
+            self.changed(ids)
+            if self.on_invalidated is not None:
+                self.on_invalidated("channel", len(ids))
 
     def flush(self) -> None:
         self._generation += 1
@@ -260,16 +261,21 @@ class NearCache:
         joined = entry[3]
         if joined is not None and joined[2] >= time.monotonic() and shared.stamps(ids) == joined[1]:
             return joined[0], has_next
-        bodies = []
+        bodies, stamps = [], []
         until = entry[2]
         for product_id in ids:
             hit = self.product(product_id)
             if hit is None:
                 return None
             bodies.append(hit[0])
-            until = min(until, self._products[product_id][3])
+            kept = self._products[product_id]
+            stamps.append(kept[2])
+            until = min(until, kept[3])
         items = b",".join(bodies)
-        entry[3] = (items, shared.stamps(ids), until)
+        # The stamps the bodies were checked against, not the slots read again now: another
+        # worker's write can move a slot in between, and joined bytes kept under its new stamp
+        # would serve the old body until the page expired.
+        entry[3] = (items, tuple(stamps), until)
         return items, has_next
 
     def put_product(self, product_id: int, raw: bytes, token: Token) -> None:

@@ -87,6 +87,29 @@ def test_a_change_behind_a_late_subscribe_confirmation_is_not_left_unread(near, 
     assert near.usable() and near.product(12) is None
 
 
+def test_a_hit_while_another_drain_yields_never_sees_a_read_change_unapplied(near, redis_url):
+    """redis-py checks its socket with `select.poll`, which under gevent yields to other
+    greenlets in the middle of a drain. A hit served then finds the socket empty, the change
+    already read by the drain: the change must have been applied by then, not held back until
+    the drain ends."""
+    near.put_product(14, entry(1, 14), near.begin(14))
+    pubsub = near.invalidations._pubsub
+    redis.Redis.from_url(redis_url).publish(CHANNEL, b"14")
+    assert poll(near.invalidations._watch.readable, within=2)
+    read = pubsub.get_message
+    served: list[object] = []
+
+    def read_then_let_a_hit_in(**kwargs: float) -> dict | None:
+        message = read(**kwargs)
+        if message is None and not served:  # the drain checks for more: it may yield here
+            served.append(near.usable() and near.product(14))  # another greenlet's hit
+        return message
+
+    pubsub.get_message = read_then_let_a_hit_in
+    assert near.usable()
+    assert served == [None]  # the hit in between did not serve stock 14
+
+
 def test_the_near_cache_stands_aside_when_the_channel_breaks(near, make_app, private_redis):
     near = get_near(make_app(redis_url=private_redis.url))
     near.heartbeat()
@@ -167,6 +190,28 @@ def test_a_page_is_never_staler_than_its_products(near):
     assert near.page_items(1, 2) is None  # product 2 moved: the joined items go with it
     near.put_product(2, entry(2, 22), near.begin(2))
     assert near.page_items(1, 2) == (b'{"stock":1},{"stock":22}', True)
+
+
+def test_a_write_while_a_page_is_joined_is_not_hidden_by_the_join(near, monkeypatch):
+    """Another worker of the host can move a product's stamp while this one joins the page's
+    items (workers run in parallel): the joined bytes must be kept under the stamps their bodies
+    were checked against, or the old body is served until the page expires."""
+    generation = near.generation
+    near.put_page(1, 2, [1, 2], True, generation)
+    for pid in (1, 2):
+        near.put_product(pid, entry(1, pid), near.begin(pid))
+    checked = near.product
+
+    def product_then_a_write_elsewhere(product_id: int):
+        hit = checked(product_id)
+        if product_id == 2:
+            shared.changed(1)  # committed by another worker after product 1's body was taken
+        return hit
+
+    monkeypatch.setattr(near, "product", product_then_a_write_elsewhere)
+    assert near.page_items(1, 2) == (b'{"stock":1},{"stock":2}', True)  # current when read
+    monkeypatch.setattr(near, "product", checked)
+    assert near.page_items(1, 2) is None  # product 1 moved since: not the joined bytes
 
 
 def test_a_hung_redis_never_brings_the_near_cache_back(make_app, private_redis):
