@@ -30,7 +30,7 @@ from .auth import Keys, get_keys
 from .errors import ApiError
 from .health import HEALTHY
 from .logs import log_access
-from .metrics import LaneCounts, get_lane_counts
+from .metrics import Tally, get_tally
 from .nearcache import NearCache, get_near
 from .products import list_body, stock_body
 from .requestid import request_id
@@ -49,7 +49,7 @@ class FastLane:
     def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
         self.wsgi_app = wsgi_app
         self.near: NearCache = get_near(app)
-        self.counts: LaneCounts = get_lane_counts(app)
+        self.counts: Tally = get_tally(app)
         self.access_log: bool = app.config["FASTSTOCK"].access_log  # read once, checked per hit
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -90,8 +90,6 @@ class FastLane:
                 seconds = time.perf_counter() - started
                 log_access("GET", "/healthz", 200, seconds, None, rid, fast_lane=True)
             return [HEALTHY]
-        elif path == "/metrics":
-            self.counts.flush()  # a scrape of this worker sees everything it answered
         return self.wsgi_app(environ, start_response)
 
     def _lookup(self, path: str, query: str) -> tuple[bytes, str, str] | None:

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from faststock.fastlane import FastLane
-from faststock.metrics import get_lane_counts
+from faststock.metrics import get_tally
 from faststock.nearcache import get_near
 from tests.servers import poll
 
@@ -109,7 +109,7 @@ def test_the_lane_answers_hits_and_leaves_the_rest_to_flask(make_app, fresh):
     assert near.usable()
     assert isinstance(app.wsgi_app, FastLane)
     client = app.test_client()
-    counts = get_lane_counts(app)
+    counts = get_tally(app)
     for path in ("/api/products/7", "/api/products?page=3&limit=4"):
         for _ in range(3):
             assert client.get(path).status_code == 200
@@ -175,9 +175,9 @@ monkey.patch_all()
 import gevent
 
 from faststock import create_app
-from faststock.metrics import get_lane_counts
+from faststock.metrics import get_tally
 
-counts = get_lane_counts(create_app())
+counts = get_tally(create_app())
 workers = [gevent.spawn(counts.hit, "/api/products/<raw_id>", "product", 0.001) for _ in range(20)]
 gevent.joinall(workers, timeout=10)
 print(sum(w.successful() for w in workers))

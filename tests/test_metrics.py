@@ -3,10 +3,12 @@ its event happens; METRICS=0 turns all of it off and leaves the fast lane workin
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -177,6 +179,29 @@ def test_stock_changes_are_counted_by_kind_and_outcome(client):
         ("delta", "replayed"): 1,
         ("delta", "key_reused"): 1,
     }
+
+
+def test_a_request_is_counted_in_memory_and_flushed_within_a_quarter_second(client):
+    """A multiprocess update is a locked write to a file: a write's nine of them cost it
+    measurably, so every count waits in the worker's memory for the next flush."""
+    metrics = get_metrics(client.application)
+    applied = metrics.stock_changes[("delta", "applied")]
+    requests_seen = metrics.request_total.labels("POST", "200")
+    assert client.post("/api/products/1/update-stock", json={"delta": 1}).status_code == 200
+    assert (applied._value.get(), requests_seen._value.get()) == (0, 0)  # not written yet
+    assert poll(lambda: applied._value.get() == 1, within=2)  # the flushing thread's doing
+    assert requests_seen._value.get() == 1
+
+
+def test_the_flushing_thread_ends_with_its_app(make_app):
+    """Apps made and dropped (tests, `flask` commands) leave no thread behind."""
+    app = make_app()
+    before = set(threading.enumerate())
+    assert app.test_client().get("/api/products/1").status_code == 200
+    (flusher,) = (t for t in set(threading.enumerate()) - before if t.name == "faststock-tally")
+    del app
+    gc.collect()
+    assert poll(lambda: not flusher.is_alive(), within=2)
 
 
 def test_reads_are_counted_by_cache_and_near_cache_outcome(trusted):
@@ -444,11 +469,15 @@ def test_every_contract_metric_is_exposed_per_worker_and_dead_workers_drop_out(l
     workers = set(server.workers)
 
     def both() -> Scrape | None:
-        """Both workers started: their gauges are set once their app is built."""
+        """Both workers started (their gauges are set once their app is built) and have flushed
+        what they counted (the worker that did not answer the scrape does so within 0.25 s)."""
         scrape = scrape_server(server)
         started = all(pids(scrape, name) == workers for name in PER_WORKER)
+        flushed = CONTRACT.keys() <= scrape.families.keys()
         # DB_POOL_SIZE of each live worker
-        return scrape if started and scrape.total("faststock_db_pool_size") == 6 else None
+        return (
+            scrape if started and flushed and scrape.total("faststock_db_pool_size") == 6 else None
+        )
 
     scrape = poll(both, within=10)
     assert scrape, "both workers' gauges"
