@@ -88,15 +88,28 @@ def seed_command(products: int, reset: bool, if_empty: bool, force: bool) -> Non
     # Checked before anything is deleted: a reset the cache never hears of leaves the API
     # answering X-Cache: HIT with the old rows until their entries expire.
     if reset and not force and not Cache(config).ping():
+        where, setting = _redis_where(config)
         raise click.ClickException(
-            f"nothing changed: Redis at {_without_password(config.redis_url)} (REDIS_URL) does "
-            f"not answer, so the cache could not be cleared, and the API would go on answering "
-            f"with the old products and stock (X-Cache: HIT) until their entries expire "
-            f"(CACHE_TTL_SECONDS={config.cache_ttl_seconds}). Point REDIS_URL at the API's Redis "
-            f"(for scripts/up: source .run/up-PORT/env), or pass --force to reset anyway."
+            f"nothing changed: {where} does not answer, so the cache could not be cleared, and "
+            f"the API would go on answering with the old products and stock (X-Cache: HIT) "
+            f"until their entries expire (CACHE_TTL_SECONDS={config.cache_ttl_seconds}). Point "
+            f"{setting} at the API's Redis (for scripts/up: source .run/up-PORT/env), or pass "
+            f"--force to reset anyway."
         )
     inserted = seed(config, products, reset=reset, if_empty=if_empty)
     click.echo(f"inserted {inserted} products")
+
+
+def _redis_where(config: Config) -> tuple[str, str]:
+    """(Redis as this config finds it, the setting that says where), for error messages: under
+    Sentinel REDIS_URL's address is not used, so naming it would send the reader astray."""
+    if config.redis_sentinels:
+        return (
+            f"the Redis master {config.redis_sentinel_master} named by the sentinels at "
+            f"{config.redis_sentinels} (REDIS_SENTINELS, REDIS_SENTINEL_MASTER)",
+            "REDIS_SENTINELS",
+        )
+    return f"Redis at {_without_password(config.redis_url)} (REDIS_URL)", "REDIS_URL"
 
 
 def _without_password(url: str) -> str:

@@ -272,6 +272,15 @@ def test_seed_reset_refuses_when_the_cache_cannot_be_cleared(fresh, sql):
     assert "--force" in lines[0]
     assert sql("SELECT stock FROM products WHERE id = 10") == [(1,)]
 
+    sentinel = {"REDIS_SENTINELS": f"127.0.0.1:{free_port()}", "REDIS_SENTINEL_MASTER": "main"}
+    env = {**env, "REDIS_URL": "redis://", **sentinel}  # under Sentinel, REDIS_URL names no host
+    refused_run = run()
+    assert refused_run.returncode != 0 and "nothing changed" in refused_run.stderr
+    assert "Redis master main" in refused_run.stderr and "REDIS_URL" not in refused_run.stderr
+    assert "Point REDIS_SENTINELS at the API's Redis" in refused_run.stderr
+    env = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    del env["REDIS_SENTINELS"], env["REDIS_SENTINEL_MASTER"]
+
     forced = run("--force")
     assert forced.returncode == 0, forced.stderr
     assert "could not clear the Redis cache" in forced.stderr
