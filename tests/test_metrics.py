@@ -511,8 +511,15 @@ def test_a_metrics_file_left_empty_does_not_fail_the_scrape(live_server, tmp_pat
     (directory / "counter_1.db").touch()
     (directory / "gauge_liveall_1.db").touch()
     assert get(server, "/api/products/1").status_code == 200
-    scrape = scrape_server(server)
-    assert scrape.total("faststock_cache_requests_total", endpoint="product") == 1
+
+    def counted() -> Scrape | None:
+        """Once the worker that answered has flushed (at once if it also answers the scrape)."""
+        scrape = scrape_server(server)
+        found = scrape.total("faststock_cache_requests_total", endpoint="product")
+        return scrape if found else None
+
+    scrape = poll(counted, within=5)
+    assert scrape and scrape.total("faststock_cache_requests_total", endpoint="product") == 1
     assert "1" not in {pid for (pid,) in scrape.by("faststock_worker_open_fds", "pid")}
 
 
