@@ -20,8 +20,8 @@ READ_RATE_LIMIT set the lane stands aside: every read must be counted, in Redis,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 from flask import Flask
@@ -40,9 +40,16 @@ PREFIX = "/api/products"
 PRODUCT_ROUTE = "/api/products/<raw_id>"
 STOCK_ROUTE = "/api/products/<raw_id>/stock"
 LIST_ROUTE = "/api/products"
+_PREFIX_LENGTH = len(PREFIX)
 _DIGITS = frozenset("0123456789")
+_HEALTHY_LENGTH = str(len(HEALTHY))
+# List query strings whose parse is kept: at most this many, each at most this long (a client
+# cycling through pages and limits stays within it; one sending junk only clears it).
+_QUERIES_KEPT = 1024
+_QUERY_KEPT_LENGTH = 64
 
 StartResponse = Callable[..., Any]
+Found = tuple[bytes, str, str, str]  # (body, its Content-Length, route template, endpoint)
 
 
 class FastLane:
@@ -51,65 +58,61 @@ class FastLane:
         self.near: NearCache = get_near(app)
         self.counts: Tally = get_tally(app)
         self.access_log: bool = app.config["FASTSTOCK"].access_log  # read once, checked per hit
+        # query string -> (page, limit), or False for one Flask must answer: the parse of the
+        # same few query strings again and again cost a list hit a fifth of its own time
+        self._queries: dict[str, tuple[int, int] | bool] = {}
+        # (page, limit) -> (the joined items and next link it was built from, body, its length)
+        self._bodies: dict[tuple[int, int], tuple[bytes, bool, bytes, str]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
-        if path.startswith(PREFIX) and environ["REQUEST_METHOD"] == "GET" and self.near.usable():
-            started = time.perf_counter()
-            found = self._lookup(path, environ.get("QUERY_STRING", ""))
+        if path.startswith(PREFIX) and environ["REQUEST_METHOD"] == "GET":
+            started = perf_counter()
+            query = environ.get("QUERY_STRING", "")
+            if len(path) == _PREFIX_LENGTH:
+                found = self._page(query)
+            elif path[_PREFIX_LENGTH] == "/" and not query:
+                found = self._product(path[_PREFIX_LENGTH + 1 :])
+            else:
+                found = None
             if found is not None:
-                body, route, endpoint = found
+                body, length, route, endpoint = found
                 rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
                 start_response(
                     "200 OK",
                     [
                         ("Content-Type", "application/json"),
-                        ("Content-Length", str(len(body))),
+                        ("Content-Length", length),
                         ("X-Cache", "HIT"),
                         ("X-Request-ID", rid),
                     ],
                 )
-                self.counts.hit(route, endpoint, time.perf_counter() - started)
+                self.counts.hit(route, endpoint, perf_counter() - started)
                 if self.access_log:
-                    seconds = time.perf_counter() - started
+                    seconds = perf_counter() - started
                     log_access("GET", route, 200, seconds, "HIT", rid, fast_lane=True)
                 return [body]
         elif path == "/healthz" and environ["REQUEST_METHOD"] == "GET":
             # Liveness, polled by every balancer and orchestrator: it needs nothing from Flask.
-            started = time.perf_counter()
+            started = perf_counter()
             rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
             start_response(
                 "200 OK",
                 [
                     ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(HEALTHY))),
+                    ("Content-Length", _HEALTHY_LENGTH),
                     ("X-Request-ID", rid),
                 ],
             )
             if self.access_log:
-                seconds = time.perf_counter() - started
+                seconds = perf_counter() - started
                 log_access("GET", "/healthz", 200, seconds, None, rid, fast_lane=True)
             return [HEALTHY]
         return self.wsgi_app(environ, start_response)
 
-    def _lookup(self, path: str, query: str) -> tuple[bytes, str, str] | None:
-        """(body, route, endpoint) when the near cache can answer, else None (Flask will)."""
-        near = self.near
-        if path == PREFIX:
-            pages = _page_query(query)
-            if pages is None:
-                return None
-            try:
-                page, limit = parse_page(*pages)
-            except ApiError:
-                return None
-            found = near.page_items(page, limit)
-            if found is None:
-                return None
-            return list_body(found[0], page, limit, found[1]), LIST_ROUTE, "list"
-        if query or path[len(PREFIX)] != "/":
-            return None
-        raw = path[len(PREFIX) + 1 :]
+    def _product(self, raw: str) -> Found | None:
+        """A product or its stock, when the near cache holds it current; `raw` follows the prefix
+        and its slash."""
         stock = raw.endswith("/stock")
         if stock:
             raw = raw[:-6]
@@ -117,12 +120,46 @@ class FastLane:
             product_id = parse_id(raw)
         except ApiError:
             return None
-        hit = near.product(product_id)
-        if hit is None:
+        entry = self.near.current(product_id)
+        if entry is None:
             return None
         if stock:
-            return stock_body(product_id, hit[1]), STOCK_ROUTE, "stock"
-        return hit[0], PRODUCT_ROUTE, "product"
+            body = stock_body(product_id, entry[1])
+            return body, str(len(body)), STOCK_ROUTE, "stock"
+        return entry[0], entry[4], PRODUCT_ROUTE, "product"
+
+    def _page(self, query: str) -> Found | None:
+        """A list page, when the near cache holds it and all its products current."""
+        parsed = self._queries.get(query)
+        if parsed is None:
+            parsed = _parse_list_query(query)
+            if len(query) <= _QUERY_KEPT_LENGTH:
+                if len(self._queries) >= _QUERIES_KEPT:
+                    self._queries.clear()
+                self._queries[query] = parsed
+        if parsed is False:
+            return None
+        page, limit = parsed
+        near = self.near
+        if not near.usable():
+            return None
+        found = near.page_items(page, limit)
+        if found is None:
+            return None
+        items, has_next = found
+        # The page's body, kept while the near cache answers with the very same joined items
+        # object and next link (the body is a function of those, the page and the limit): a
+        # list hit then copies no kilobyte of JSON. The object, not equal bytes: held here, it
+        # cannot be freed and its address reused by other items.
+        kept = self._bodies.get((page, limit))
+        if kept is not None and kept[0] is items and kept[1] is has_next:
+            return kept[2], kept[3], LIST_ROUTE, "list"
+        body = list_body(items, page, limit, has_next)
+        length = str(len(body))
+        if len(self._bodies) >= self.near.size:
+            self._bodies.clear()
+        self._bodies[(page, limit)] = (items, has_next, body, length)
+        return body, length, LIST_ROUTE, "list"
 
 
 class KeyedFastLane(FastLane):
@@ -138,6 +175,18 @@ class KeyedFastLane(FastLane):
         ):
             return self.wsgi_app(environ, start_response)
         return super().__call__(environ, start_response)
+
+
+def _parse_list_query(query: str) -> tuple[int, int] | bool:
+    """(page, limit) of a list query the lane can answer, or False: it is Flask's to answer
+    (anything `_page_query` leaves to Flask, or values `parse_page` refuses)."""
+    pages = _page_query(query)
+    if pages is None:
+        return False
+    try:
+        return parse_page(*pages)
+    except ApiError:
+        return False
 
 
 def _page_query(query: str) -> tuple[str | None, str | None] | None:

@@ -116,12 +116,6 @@ def _timing() -> list:
     return [0, 0.0, [0] * len(_BOUNDS)]
 
 
-def _add_timing(timing: list, seconds: float) -> None:
-    timing[0] += 1
-    timing[1] += seconds
-    timing[2][bisect.bisect_left(_BOUNDS, seconds)] += 1  # the first bucket that holds it
-
-
 def _flush_timing(child: Any, timing: list) -> None:
     child._sum.inc(timing[1])
     for i, n in enumerate(timing[2]):
@@ -186,12 +180,18 @@ class Tally:
     def _time(self, which: int, key: Any, seconds: float) -> None:
         if not self._started:
             self._start()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: half the cost, on every request
+        try:
             pending = self._pending[which]
             timing = pending.get(key)
             if timing is None:
                 timing = pending[key] = _timing()
-            _add_timing(timing, seconds)
+            timing[0] += 1
+            timing[1] += seconds
+            timing[2][bisect.bisect_left(_BOUNDS, seconds)] += 1  # the first bucket that holds it
+        finally:
+            lock.release()
 
     def request(self, method: str, route: str, status: str, seconds: float) -> None:
         """Count one request Flask answered (request duration and total)."""
@@ -199,8 +199,23 @@ class Tally:
 
     def hit(self, route: str, endpoint: str, seconds: float) -> None:
         """Count one 200 GET of `route` the fast lane answered from the near cache: the request
-        series and the cache and near-cache outcomes, all at once."""
-        self._time(_HITS, (route, endpoint), seconds)
+        series and the cache and near-cache outcomes, all at once.
+
+        `_time` written out for `_HITS`: this is on every hit, and a call is a tenth of it."""
+        if not self._started:
+            self._start()
+        lock = self._lock
+        lock.acquire()
+        try:
+            hits = self._pending[_HITS]
+            timing = hits.get((route, endpoint))
+            if timing is None:
+                timing = hits[(route, endpoint)] = _timing()
+            timing[0] += 1
+            timing[1] += seconds
+            timing[2][bisect.bisect_left(_BOUNDS, seconds)] += 1
+        finally:
+            lock.release()
 
     def observe(self, child: Any, seconds: float) -> None:
         """Observe `seconds` in a histogram's child (made with `labels` in advance)."""

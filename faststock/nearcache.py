@@ -43,6 +43,8 @@ log = logging.getLogger("faststock.nearcache")
 HEARTBEAT_SECONDS = 3.0  # silence longer than this on the subscription: assume a partition
 
 ProductHit = tuple[bytes, int]  # (product JSON, stock)
+# (product JSON, stock, change stamp, expires, the JSON's length as a Content-Length value)
+Entry = tuple[bytes, int, int, float, str]
 Token = tuple[int, int]  # (change stamp, flush generation), read before a load
 
 
@@ -93,17 +95,17 @@ class Invalidations:
                 log.info("change channel lost: %s", exc)
                 self._close()
 
-    def drain(self, apply: Callable[[bytes], None]) -> bool:
+    def drain(self, apply: Callable[[bytes], None], now: float) -> bool:
         """Hand every change message received so far to `apply`, each as soon as it is read;
         False when the channel is down or has been silent past HEARTBEAT_SECONDS. Called before
-        every hit.
+        every hit, with the caller's `time.monotonic()` (one clock read serves the hit's checks).
 
         Applied as read, not collected and applied after: redis-py checks its socket with
         `select.poll`, which under gevent yields to other greenlets, and a hit served meanwhile
         finds the socket empty (its bytes read here) while the change is not applied yet.
         """
         pubsub, watch = self._pubsub, self._watch
-        if pubsub is None or watch is None or time.monotonic() - self._heard >= HEARTBEAT_SECONDS:
+        if pubsub is None or watch is None or now - self._heard >= HEARTBEAT_SECONDS:
             return False
         # One poll(2) when nothing came: the common case. When something did, read until
         # redis-py has nothing left, buffered or not: anything newer must then arrive on the
@@ -144,10 +146,11 @@ class NearCache:
         self.ttl = float(min(config.near_cache_ttl_seconds, config.cache_ttl_seconds))
         self.cache = cache
         self.invalidations = Invalidations(cache.subscription_client())
-        self._products: OrderedDict[int, tuple[bytes, int, int, float]] = OrderedDict()
+        self._products: OrderedDict[int, Entry] = OrderedDict()
         # (page, limit) -> [ids, has_next, expires, (joined items, their stamps, expires) | None]
         self._pages: OrderedDict[tuple[int, int], list] = OrderedDict()
         self._breaker = cache.breaker
+        self._apply_change = self._apply  # bound once: drain() takes it on every hit
         self._trusted = False
         self._generation = 0  # bumped by every flush: loads begun before it keep nothing
         # Told of invalidations as they are applied: ("channel", ids) or ("flush", 1).
@@ -164,10 +167,45 @@ class NearCache:
         """
         if not self._trusted:
             return False
-        if not self.invalidations.drain(self._apply) or self._breaker.is_open or shared.is_dirty():
+        if (
+            not self.invalidations.drain(self._apply_change, time.monotonic())
+            or self._breaker.is_open
+            or shared.is_dirty()
+        ):
             self.distrust()
             return False
         return True
+
+    def current(self, product_id: int) -> Entry | None:
+        """`usable()` then `product()` in one call and one clock read: the fast lane's hit.
+
+        The whole of a hit's own cost is here and in the lane (about 15 µs in all, against
+        about 200 µs of gunicorn and gevent around it), so it is written for the interpreter:
+        one call, locals, no helper per check. The rules are those of `usable()` and
+        `product()`, which the Flask path uses; the lane's tests run both paths side by side.
+        """
+        if not self._trusted:
+            return None
+        now = time.monotonic()
+        if (
+            not self.invalidations.drain(self._apply_change, now)
+            or self._breaker.is_open
+            or shared.is_dirty()
+        ):
+            self.distrust()
+            return None
+        products = self._products
+        entry = products.get(product_id)
+        if entry is None:
+            return None
+        if entry[2] != shared.STAMPS[product_id % shared.STAMP_SLOTS] or entry[3] < now:
+            products.pop(product_id, None)
+            return None
+        try:  # noqa: SIM105 - as in product()
+            products.move_to_end(product_id)
+        except KeyError:
+            pass
+        return entry
 
     def distrust(self) -> None:
         """Stop serving, and forget everything: invalidations may have been missed."""
@@ -222,7 +260,7 @@ class NearCache:
         entry = self._products.get(product_id)
         if entry is None:
             return None
-        body, stock, stamp, expires = entry
+        body, stock, stamp, expires, _ = entry
         if stamp != shared.stamp(product_id) or expires < time.monotonic():
             self._products.pop(product_id, None)
             return None
@@ -253,13 +291,20 @@ class NearCache:
         The joined bytes are kept with the stamps of the products they were built from: while
         none has moved, they are served as they are, which saves a list page ten lookups.
         """
-        known = self.page(page, limit)
-        if known is None:
+        key = (page, limit)
+        entry = self._pages.get(key)  # `page()` written out: one lookup and clock read a hit
+        if entry is None:
             return None
-        ids, has_next = known
-        entry = self._pages[(page, limit)]
-        joined = entry[3]
-        if joined is not None and joined[2] >= time.monotonic() and shared.stamps(ids) == joined[1]:
+        now = time.monotonic()
+        if entry[2] < now:
+            self._pages.pop(key, None)
+            return None
+        try:  # noqa: SIM105 - as in product()
+            self._pages.move_to_end(key)
+        except KeyError:
+            pass
+        ids, has_next, _, joined = entry
+        if joined is not None and joined[2] >= now and shared.stamps(ids) == joined[1]:
             return joined[0], has_next
         bodies, stamps = [], []
         until = entry[2]
@@ -287,7 +332,7 @@ class NearCache:
         _, stock, body = decoded
         products = self._products
         products.pop(product_id, None)  # re-inserted last: the most recently used
-        products[product_id] = (body, stock, stamp, time.monotonic() + self.ttl)
+        products[product_id] = (body, stock, stamp, time.monotonic() + self.ttl, str(len(body)))
         if len(products) > self.size:
             products.popitem(last=False)
 

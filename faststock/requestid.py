@@ -2,7 +2,8 @@
 
 Shared by the Flask path and the fast lane, so both answer alike. A new id is a random prefix
 drawn once per process plus a counter (32 hex digits, like a UUID's): `uuid.uuid4()` costs a
-getrandom() system call per request, a noticeable share of a cache hit.
+getrandom() system call per request, a noticeable share of a cache hit. The digits come from one
+integer's bytes: an f-string's `:016x` took 0.74 µs here, `to_bytes().hex()` 0.22 µs.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 import secrets
 
 MAX_LENGTH = 128
-_state = [secrets.token_hex(8), 0]  # prefix, counter: redrawn in every forked child
+_COUNTER_BITS = 64
+_state = [secrets.randbits(64) << _COUNTER_BITS, 0]  # prefix, counter: redrawn in every child
 
 
 def _new_process() -> None:
-    _state[:] = [secrets.token_hex(8), 0]
+    _state[:] = [secrets.randbits(64) << _COUNTER_BITS, 0]
 
 
 os.register_at_fork(after_in_child=_new_process)
@@ -26,5 +28,5 @@ def request_id(incoming: str | None) -> str:
     if incoming and len(incoming) <= MAX_LENGTH and incoming.isascii() and incoming.isprintable():
         return incoming
     state = _state
-    state[1] += 1
-    return f"{state[0]}{state[1]:016x}"
+    state[1] = count = state[1] + 1
+    return (state[0] | count & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(16, "big").hex()

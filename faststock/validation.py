@@ -49,7 +49,13 @@ def _parse_positive(raw: str, what: str, maximum: int) -> int:
 
 
 def parse_id(raw: str) -> int:
-    """A product id: a decimal integer 1..2^63-1 (PostgreSQL bigint), nothing else."""
+    """A product id: a decimal integer 1..2^63-1 (PostgreSQL bigint), nothing else.
+
+    Every cached read parses one, so the common shape (1 to 18 ASCII digits, no leading zero:
+    always in range) is taken at once; anything else gets the full checks.
+    """
+    if 0 < len(raw) < 19 and raw.isdigit() and raw.isascii() and raw[0] != "0":
+        return int(raw)
     return _parse_positive(raw, "product id", BIGINT_MAX)
 
 

@@ -130,6 +130,80 @@ def test_the_lane_answers_hits_and_leaves_the_rest_to_flask(make_app, fresh):
     assert answered == ["product", "stock", "list", "list"]
 
 
+def lane_answers(app, path: str) -> list[str]:
+    """The endpoints the lane answered while `path` was read once."""
+    counts = get_tally(app)
+    answered: list[str] = []
+    real_hit = counts.hit
+    counts.hit = lambda route, endpoint, seconds: (
+        answered.append(endpoint),
+        real_hit(route, endpoint, seconds),
+    )
+    try:
+        app.test_client().get(path)
+    finally:
+        counts.hit = real_hit
+    return answered
+
+
+def warmed(make_app, path: str):
+    """An app, and its test client, whose near cache holds `path`."""
+    app = make_app()
+    get_near(app).heartbeat()  # a gunicorn worker's keeper does this every second
+    client = app.test_client()
+    for _ in range(3):  # a page's products join the near cache from its second read
+        client.get(path)
+    return app, client
+
+
+def test_a_list_hit_follows_a_change_of_a_product_on_the_page(make_app, fresh):
+    path = "/api/products?page=2&limit=3"
+    app, client = warmed(make_app, path)
+    before = client.get(path).get_json()
+    assert lane_answers(app, path) == ["list"]
+    product_id = before["items"][1]["id"]
+    assert (
+        client.post(f"/api/products/{product_id}/update-stock", json={"delta": 5}).status_code
+        == 200
+    )
+    for _ in range(3):  # the page's products come back into the near cache
+        after = client.get(path).get_json()
+    assert lane_answers(app, path) == ["list"]
+    assert after["items"][1]["stock"] == before["items"][1]["stock"] + 5
+    assert client.get(path).get_json() == after
+
+
+def test_a_list_hit_follows_a_new_next_link_of_the_same_items(make_app, fresh):
+    """A one-item page's joined items are its product's own bytes, the same object when the page
+    is listed again: a body kept by the items alone would keep the old next link."""
+    last = "/api/products?page=100&limit=1"
+    app, client = warmed(make_app, last)
+    near = get_near(app)
+    assert lane_answers(app, last) == ["list"]
+    assert client.get(last).get_json()["next_page"] is None
+    ids, _ = near.page(100, 1)
+    near.put_page(100, 1, ids, True, near.generation)  # as if a product 101 had been listed since
+    assert lane_answers(app, last) == ["list"]
+    assert client.get(last).get_json()["next_page"] == 101
+
+
+def test_list_queries_parsed_once_answer_alike_and_stay_bounded(make_app, fresh):
+    app, client = warmed(make_app, "/api/products?page=3&limit=4")
+    lane = app.wsgi_app
+    for _ in range(2):  # the second time from the kept parse
+        assert lane_answers(app, "/api/products?page=3&limit=4") == ["list"]
+        refused = client.get("/api/products?page=0")
+        assert refused.status_code == 400
+        assert refused.get_json()["error"] == "bad_request"
+        assert lane_answers(app, "/api/products?page=1&page=2") == []
+    assert lane._queries["page=0"] is False
+    for page in range(1, 3000):
+        client.get(f"/api/products?page={page}&limit=7")
+    client.get("/api/products?page=1&limit=1" + "&" * 80)
+    assert 0 < len(lane._queries) <= 1024
+    assert all(len(query) <= 64 for query in lane._queries)
+
+
 def test_fast_lane_0_leaves_it_out(make_app):
     assert not isinstance(make_app(fast_lane=False).wsgi_app, FastLane)
     assert not isinstance(make_app(near_cache_size=0).wsgi_app, FastLane)
