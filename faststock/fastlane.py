@@ -47,6 +47,9 @@ _HEALTHY_LENGTH = str(len(HEALTHY))
 # cycling through pages and limits stays within it; one sending junk only clears it).
 _QUERIES_KEPT = 1024
 _QUERY_KEPT_LENGTH = 64
+# List bodies kept (about a kilobyte each at limit 10): the pages read over and over are few, and
+# the near cache already holds each page's joined items.
+_BODIES_KEPT = 1024
 
 StartResponse = Callable[..., Any]
 Found = tuple[bytes, str, str, str]  # (body, its Content-Length, route template, endpoint)
@@ -156,7 +159,7 @@ class FastLane:
             return kept[2], kept[3], LIST_ROUTE, "list"
         body = list_body(items, page, limit, has_next)
         length = str(len(body))
-        if len(self._bodies) >= self.near.size:
+        if len(self._bodies) >= _BODIES_KEPT:
             self._bodies.clear()
         self._bodies[(page, limit)] = (items, has_next, body, length)
         return body, length, LIST_ROUTE, "list"

@@ -202,6 +202,10 @@ def test_list_queries_parsed_once_answer_alike_and_stay_bounded(make_app, fresh)
     client.get("/api/products?page=1&limit=1" + "&" * 80)
     assert 0 < len(lane._queries) <= 1024
     assert all(len(query) <= 64 for query in lane._queries)
+    for page in range(2, 1100):  # empty pages past the end, each answered by the lane once
+        for _ in range(3):
+            client.get(f"/api/products?page={page}&limit=100")
+    assert 0 < len(lane._bodies) <= 1024
 
 
 def test_fast_lane_0_leaves_it_out(make_app):
