@@ -199,24 +199,8 @@ class Tally:
 
     def hit(self, route: str, endpoint: str, seconds: float) -> None:
         """Count one 200 GET of `route` the fast lane answered from the near cache: the request
-        series and the cache and near-cache outcomes, all at once.
-
-        `_time` written out for `_HITS`: a Python call costs about 700 instructions here, a
-        twentieth of a whole lane hit's own (docs/performance.md)."""
-        if not self._started:
-            self._start()
-        lock = self._lock
-        lock.acquire()
-        try:
-            hits = self._pending[_HITS]
-            timing = hits.get((route, endpoint))
-            if timing is None:
-                timing = hits[(route, endpoint)] = _timing()
-            timing[0] += 1
-            timing[1] += seconds
-            timing[2][bisect.bisect_left(_BOUNDS, seconds)] += 1
-        finally:
-            lock.release()
+        series and the cache and near-cache outcomes, all at once."""
+        self._time(_HITS, (route, endpoint), seconds)
 
     def observe(self, child: Any, seconds: float) -> None:
         """Observe `seconds` in a histogram's child (made with `labels` in advance)."""

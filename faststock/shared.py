@@ -46,9 +46,7 @@ def is_dirty() -> bool:
 # saw before either. Products sharing a slot only cost each other a reload.
 STAMP_SLOTS = 1 << 16
 _STAMP_MAP = mmap.mmap(-1, STAMP_SLOTS * 8)
-# Readers may index it directly (`STAMPS[product_id % STAMP_SLOTS]`, as `stamp` does): the
-# near cache's hit does, to save a call. Only `changed` stores.
-STAMPS = memoryview(_STAMP_MAP).cast("Q")
+_STAMPS = memoryview(_STAMP_MAP).cast("Q")
 _process = [secrets.randbits(32), 0]  # nonce, counter: redrawn in every forked child
 
 
@@ -61,15 +59,15 @@ os.register_at_fork(after_in_child=_new_process)
 
 def stamp(product_id: int) -> int:
     """The product's slot value now; record it before loading an entry you will keep."""
-    return STAMPS[product_id % STAMP_SLOTS]
+    return _STAMPS[product_id % STAMP_SLOTS]
 
 
 def stamps(product_ids: tuple[int, ...]) -> tuple[int, ...]:
     """The slot values of several products at once (a cached list page checks its items)."""
-    return tuple([STAMPS[i % STAMP_SLOTS] for i in product_ids])
+    return tuple([_STAMPS[i % STAMP_SLOTS] for i in product_ids])
 
 
 def changed(product_id: int) -> None:
     """A change to the product has committed: no entry loaded before now may be served."""
     _process[1] += 1
-    STAMPS[product_id % STAMP_SLOTS] = (_process[0] << 32 | _process[1] & 0xFFFFFFFF) or 1
+    _STAMPS[product_id % STAMP_SLOTS] = (_process[0] << 32 | _process[1] & 0xFFFFFFFF) or 1
