@@ -574,10 +574,13 @@ def _time_requests(app: Flask, metrics: Metrics) -> None:
 
     @app.after_request
     def count(response: Response) -> Response:
-        started = getattr(request, "metrics_started", None)
-        if started is not None and not hasattr(request, "prom_do_not_track"):
+        # The request itself, not its context-local proxy: each attribute read through the
+        # proxy is a context lookup, and a missing one (`prom_do_not_track`) raises inside it.
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        started = getattr(req, "metrics_started", None)
+        if started is not None and not hasattr(req, "prom_do_not_track"):
             seconds = time.perf_counter() - started
-            tally.request(request.method, route(request), str(response.status_code), seconds)
+            tally.request(req.method, route(req), str(response.status_code), seconds)
         return response
 
     @app.teardown_request

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import redis as redis_lib
 
@@ -337,3 +340,28 @@ def test_one_registry_of_error_codes(client):
     assert schema["properties"]["error"]["enum"] == list(ERROR_CODES)
     with pytest.raises(ValueError, match="unregistered"):
         ApiError(409, "conflict", "not a code the API documents")
+
+
+def test_hooks_and_views_are_checked_for_coroutines_once(app, monkeypatch):
+    """Flask's own `ensure_sync` inspects every hook and view on every request; the app's
+    checks each function once, and every hook and the view still run."""
+    from flask import Flask
+
+    checked: list[object] = []
+    plain = Flask.ensure_sync
+
+    def counting(self: Flask, func: Callable[..., Any]) -> Callable[..., Any]:
+        checked.append(func)
+        return plain(self, func)
+
+    monkeypatch.setattr(Flask, "ensure_sync", counting)
+    client = app.test_client()
+    answers = [
+        client.post("/api/products/5/update-stock", json={"delta": 1}, headers=JSON)
+        for _ in range(3)
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all(a.headers["X-Request-ID"] for a in answers)  # a before and an after hook ran
+    assert answers[2].get_json()["stock"] == answers[0].get_json()["stock"] + 2
+    assert checked, "no function went through ensure_sync"
+    assert len(checked) == len(set(checked)), "a function was checked again on a later request"
