@@ -38,7 +38,10 @@ class FastStock(Flask):
         self._synced: dict[Callable[..., Any], Callable[..., Any]] = {}
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        synced = self._synced.get(func)
+        try:
+            synced = self._synced.get(func)
+        except TypeError:  # an unhashable callable object: checked every time, as Flask does
+            return super().ensure_sync(func)
         if synced is None:
             synced = self._synced[func] = super().ensure_sync(func)
         return synced

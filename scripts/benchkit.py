@@ -1066,8 +1066,10 @@ def targets(measured: Mapping[str, Series]) -> list[Target]:
     def at_least(what: str, ratios: Sequence[float | None], need: float) -> Target:
         r = median(ratios)
         # A median just short of the target would read as meeting it when rounded (0.949 as
-        # 0.95x next to ">= 0.95x ... FAIL"): it is then shown with a third place.
-        digits = 3 if r is not None and r < need <= round(r, 2) else 2
+        # 0.95x next to ">= 0.95x ... FAIL"): it is then shown with as many places as it takes.
+        digits = 2
+        while r is not None and r < need <= round(r, digits) and digits < 6:
+            digits += 1
         return Target(what, spread(ratios, digits), f">= {need:.2f}x", r is not None and r >= need)
 
     for name, need in READ_TARGETS.items():

@@ -365,3 +365,23 @@ def test_hooks_and_views_are_checked_for_coroutines_once(app, monkeypatch):
     assert answers[2].get_json()["stock"] == answers[0].get_json()["stock"] + 2
     assert checked, "no function went through ensure_sync"
     assert len(checked) == len(set(checked)), "a function was checked again on a later request"
+
+
+def test_an_unhashable_hook_still_runs(make_app):
+    """A callable object with `__eq__` and no `__hash__` cannot be a key of the app's kept sync
+    checks: it is checked each time, as Flask does, and runs."""
+
+    class Hook:
+        calls = 0
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+        def __call__(self) -> None:
+            Hook.calls += 1
+
+    app = make_app()
+    app.before_request(Hook())
+    client = app.test_client()
+    assert [client.get("/openapi.json").status_code for _ in range(2)] == [200, 200]
+    assert Hook.calls == 2

@@ -588,6 +588,9 @@ def test_targets_pass_at_their_bounds_and_fail_past_them():
     ]
     runs = all_targets(product=899.0, seed=949.0, seed_p95=12.01, deltas=249.0)
     assert [t.ok for t in targets(measure(runs))] == [False, False, True, False, False, False, True]
+    runs = all_targets(product=899.96, stock=900.0)
+    shown = [t.row()[1:] for t in targets(measure(runs))][:2]
+    assert shown == [["0.89996x", ">= 0.90x", "FAIL"], ["0.90x", ">= 0.90x", "PASS"]]
 
 
 def edited(runs, which, **figures_):
