@@ -260,17 +260,23 @@ class NearCache:
 
     def page(self, page: int, limit: int) -> tuple[tuple[int, ...], bool] | None:
         """(ids, has_next) of a remembered page, or None. Call only after `usable()`."""
-        entry = self._pages.get((page, limit))
+        entry = self._current_page((page, limit), time.monotonic())
+        return None if entry is None else (entry[0], entry[1])
+
+    def _current_page(self, key: tuple[int, int], now: float) -> list | None:
+        """The remembered page's entry while it has not expired at `now`."""
+        pages = self._pages
+        entry = pages.get(key)
         if entry is None:
             return None
-        if entry[2] < time.monotonic():
-            self._pages.pop((page, limit), None)
+        if entry[2] < now:
+            pages.pop(key, None)
             return None
-        try:  # noqa: SIM105 - as in product()
-            self._pages.move_to_end((page, limit))
+        try:  # noqa: SIM105 - as in _current_entry()
+            pages.move_to_end(key)
         except KeyError:
             pass
-        return entry[0], entry[1]
+        return entry
 
     def page_items(self, page: int, limit: int) -> tuple[bytes, bool] | None:
         """(the items' JSON, comma-joined; has_next) of a remembered page whose products are all
@@ -279,29 +285,19 @@ class NearCache:
         The joined bytes are kept with the stamps of the products they were built from: while
         none has moved, they are served as they are, which saves a list page ten lookups.
         """
-        key = (page, limit)
-        entry = self._pages.get(key)  # `page()` written out: one lookup and clock read a hit
+        now = time.monotonic()
+        entry = self._current_page((page, limit), now)
         if entry is None:
             return None
-        now = time.monotonic()
-        if entry[2] < now:
-            self._pages.pop(key, None)
-            return None
-        try:  # noqa: SIM105 - as in product()
-            self._pages.move_to_end(key)
-        except KeyError:
-            pass
-        ids, has_next, _, joined = entry
+        ids, has_next, until, joined = entry
         if joined is not None and joined[2] >= now and shared.stamps(ids) == joined[1]:
             return joined[0], has_next
         bodies, stamps = [], []
-        until = entry[2]
         for product_id in ids:
-            hit = self.product(product_id)
-            if hit is None:
+            kept = self._current_entry(product_id, now)
+            if kept is None:
                 return None
-            bodies.append(hit[0])
-            kept = self._products[product_id]
+            bodies.append(kept[0])
             stamps.append(kept[2])
             until = min(until, kept[3])
         items = b",".join(bodies)

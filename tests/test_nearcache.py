@@ -200,17 +200,17 @@ def test_a_write_while_a_page_is_joined_is_not_hidden_by_the_join(near, monkeypa
     near.put_page(1, 2, [1, 2], True, generation)
     for pid in (1, 2):
         near.put_product(pid, entry(1, pid), near.begin(pid))
-    checked = near.product
+    checked = near._current_entry
 
-    def product_then_a_write_elsewhere(product_id: int):
-        hit = checked(product_id)
+    def product_then_a_write_elsewhere(product_id: int, now: float):
+        hit = checked(product_id, now)
         if product_id == 2:
             shared.changed(1)  # committed by another worker after product 1's body was taken
         return hit
 
-    monkeypatch.setattr(near, "product", product_then_a_write_elsewhere)
+    monkeypatch.setattr(near, "_current_entry", product_then_a_write_elsewhere)
     assert near.page_items(1, 2) == (b'{"stock":1},{"stock":2}', True)  # current when read
-    monkeypatch.setattr(near, "product", checked)
+    monkeypatch.setattr(near, "_current_entry", checked)
     assert near.page_items(1, 2) is None  # product 1 moved since: not the joined bytes
 
 
