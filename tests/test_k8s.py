@@ -10,6 +10,7 @@ constraints: a read-only root filesystem with only /tmp writable, and no capabil
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import shutil
 import subprocess
@@ -470,3 +471,17 @@ def test_app_serves_with_a_read_only_root_and_only_tmp_writable(
     )
     assert server.stop() == 0, server.log()
     assert "Read-only file system" not in server.log(), server.log()
+
+
+def test_the_example_deployment_can_authorise_a_write() -> None:
+    """Anonymous writes are off by default: without API_KEYS from the Secret, every stock change
+    of the example deployment would be refused."""
+    config = Config.from_env({**_config_map(), **_one("Secret")["stringData"]})
+    assert not config.allow_anonymous_writes
+    assert ("shop-1", hashlib.sha256(b"change-me").digest()) in config.read_api_keys()
+    refs = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in _container().get("env", [])
+        if "valueFrom" in item
+    }
+    assert refs["API_KEYS"]["key"] == "API_KEYS"
