@@ -143,10 +143,7 @@ class FastLane:
         if parsed is False:
             return None
         page, limit = parsed
-        near = self.near
-        if not near.usable():
-            return None
-        found = near.page_items(page, limit)
+        found = self.near.current_page(page, limit)
         if found is None:
             return None
         items, has_next = found

@@ -190,6 +190,15 @@ class NearCache:
             return None
         return self._current_entry(product_id, now)
 
+    def current_page(self, page: int, limit: int) -> tuple[bytes, bool] | None:
+        """`usable()` then `page_items()` in one call and one clock read: the lane's list hit."""
+        if not self._trusted:
+            return None
+        now = time.monotonic()
+        if not self._still_trusted(now):
+            return None
+        return self._page_items((page, limit), now)
+
     def distrust(self) -> None:
         """Stop serving, and forget everything: invalidations may have been missed."""
         self._trusted = False
@@ -285,8 +294,10 @@ class NearCache:
         The joined bytes are kept with the stamps of the products they were built from: while
         none has moved, they are served as they are, which saves a list page ten lookups.
         """
-        now = time.monotonic()
-        entry = self._current_page((page, limit), now)
+        return self._page_items((page, limit), time.monotonic())
+
+    def _page_items(self, key: tuple[int, int], now: float) -> tuple[bytes, bool] | None:
+        entry = self._current_page(key, now)
         if entry is None:
             return None
         ids, has_next, until, joined = entry
