@@ -81,6 +81,10 @@ class StatementCursor(psycopg2.extensions.cursor):
     # Through a transaction pooler: sent ahead of each statement that opens a transaction, in the
     # same query, since no startup option can give the (shared) server connection its limits.
     prelude: str = ""
+    # Whether the session is ours from statement to statement, so a statement PostgreSQL parsed
+    # and planned once may be run again (queries.Prepared): not through a transaction pooler,
+    # where the next transaction may run on another server connection.
+    prepares: bool = False
     observer: PoolObserver | None = None  # queries.py times its statements through it
 
     def execute(self, query: Any, vars: Any = None) -> None:
@@ -367,6 +371,7 @@ def _cursor(conn: psycopg2.extensions.connection, pool: Pool) -> StatementCursor
     cur.deadline = statement_deadline(pool)
     cur.dsn = "" if pool.pooled else pool.dsn
     cur.prelude = pool.prelude
+    cur.prepares = not pool.pooled
     cur.observer = pool.observer
     return cur
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -93,6 +94,39 @@ def replay_position(cur: Cursor) -> int | None:
     return None if value is None else int(value)
 
 
+class Prepared:
+    """A statement PostgreSQL parses and plans once per connection, then only executes.
+
+    A stock change is one long statement (the update and its outbox record): sent as text,
+    PostgreSQL parsed and planned it on every write, which was a third of the database's CPU
+    time a write (docs/performance.md). `template` holds `{name}` where each parameter goes.
+    Prepared on a connection's first use, and only where the session is ours from one
+    statement to the next (`prepares` on db.py's cursors): through a transaction pooler, or on
+    any other cursor, the same statement is sent as text. PREPARE is not transactional, so a
+    statement prepared in a transaction that rolls back stays prepared, as recorded.
+    """
+
+    def __init__(self, name: str, template: str, parameters: Sequence[tuple[str, str]]) -> None:
+        names = [parameter for parameter, _ in parameters]
+        self.text = template.format(**{n: f"%({n})s" for n in names})
+        numbered = template.format(**{n: f"${i}" for i, n in enumerate(names, 1)})
+        types = ", ".join(pg_type for _, pg_type in parameters)
+        self.prepare = f"PREPARE {name} ({types}) AS {numbered}"
+        self.execute = f"EXECUTE {name} ({', '.join(f'%({n})s' for n in names)})"
+        # The connections it is prepared on; held weakly, so a closed one is forgotten with it.
+        self._prepared_on: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def run(self, cur: Cursor, values: dict[str, Any]) -> None:
+        if not getattr(cur, "prepares", False):
+            cur.execute(self.text, values)
+            return
+        conn = cur.connection
+        if conn not in self._prepared_on:
+            cur.execute(self.prepare)
+            self._prepared_on.add(conn)
+        cur.execute(self.execute, values)
+
+
 # Every stock change records its product in cache_outbox in the same statement, so the change
 # and the note that Redis must learn of it commit (or fail) together.
 _CHANGE_WITH_OUTBOX = f"""
@@ -105,31 +139,36 @@ _CHANGE_WITH_OUTBOX = f"""
     SELECT * FROM changed
 """
 
+_SET_STOCK = Prepared(
+    "faststock_set_stock",
+    _CHANGE_WITH_OUTBOX.format(
+        update="UPDATE products SET stock = {stock}, version = nextval('product_versions'), "
+        "updated_at = now() WHERE id = {id}"
+    ),
+    (("id", "bigint"), ("stock", "integer")),
+)
+_ADD_STOCK = Prepared(
+    "faststock_add_stock",
+    _CHANGE_WITH_OUTBOX.format(
+        update="UPDATE products SET stock = stock + {delta}, "
+        "version = nextval('product_versions'), "
+        "updated_at = now() "
+        "WHERE id = {id} AND stock::bigint + {delta} BETWEEN 0 AND 2147483647"
+    ),
+    (("id", "bigint"), ("delta", "integer")),
+)
+
 
 @statement
 def set_stock(cur: Cursor, product_id: int, stock: int) -> ProductRow | None:
-    cur.execute(
-        _CHANGE_WITH_OUTBOX.format(
-            update="UPDATE products SET stock = %(stock)s, version = nextval('product_versions'), "
-            "updated_at = now() WHERE id = %(id)s"
-        ),
-        {"id": product_id, "stock": stock},
-    )
+    _SET_STOCK.run(cur, {"id": product_id, "stock": stock})
     return cur.fetchone()
 
 
 @statement
 def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     """Atomically add `delta`; no row when the product is absent or the result leaves 0..2^31-1."""
-    cur.execute(
-        _CHANGE_WITH_OUTBOX.format(
-            update="UPDATE products SET stock = stock + %(delta)s, "
-            "version = nextval('product_versions'), "
-            "updated_at = now() "
-            "WHERE id = %(id)s AND stock::bigint + %(delta)s BETWEEN 0 AND 2147483647"
-        ),
-        {"id": product_id, "delta": delta},
-    )
+    _ADD_STOCK.run(cur, {"id": product_id, "delta": delta})
     return cur.fetchone()
 
 

@@ -278,3 +278,47 @@ def test_nothing_after_commit_turns_a_write_into_a_500(app, monkeypatch, sql):
     assert (response.status_code, response.get_json()) == (200, {"id": 5, "stock": 55})
     assert shared.dirty_mark() > mark  # the host stops trusting Redis until the keeper replays
     assert sql("SELECT stock FROM products WHERE id = 5") == [(55,)]
+
+
+def _on_app_connection(app, query: str) -> list[tuple]:
+    """`query`'s rows on the connection the app's requests use (the pool's only idle one)."""
+    from faststock import db
+
+    with app.app_context(), db.cursor() as cur:
+        cur.execute(query)
+        return cur.fetchall()
+
+
+def _prepared(app) -> dict[str, int]:
+    """The statements prepared on the app's connection, each with how many times it has run."""
+    query = "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
+    return dict(_on_app_connection(app, query))
+
+
+def test_stock_changes_are_prepared_once_per_connection_and_reused(app, client, changes):
+    assert post(client, 5, {"delta": 2}).status_code == 200
+    assert post(client, 5, {"delta": -1}).status_code == 200
+    assert post(client, 5, {"stock": 40}).status_code == 200
+    assert post(client, 6, {"delta": 1}, key="prepared-in-a-transaction").status_code == 200
+    assert changes(5) == (40, 3)
+    assert _prepared(app) == {"faststock_add_stock": 3, "faststock_set_stock": 1}
+
+
+def test_a_new_connection_prepares_again(app, client, sql):
+    assert post(client, 5, {"delta": 1}).status_code == 200
+    # The server ends the pooled connection's backend (a restart, an admin): the pool replaces
+    # the connection, and the statement is prepared on the new one, not assumed.
+    [(backend,)] = _on_app_connection(app, "SELECT pg_backend_pid()")
+    assert sql("SELECT pg_terminate_backend(%s)", backend) == [(True,)]
+    assert post(client, 5, {"delta": 1}).get_json()["stock"] == STOCK5 + 2
+    assert _prepared(app) == {"faststock_add_stock": 1}
+
+
+def test_through_a_transaction_pooler_the_change_is_sent_as_text(fresh):
+    from faststock import db, queries
+
+    pool = db.Pool(fresh.database_url, size=1, timeout=2, statement_timeout_ms=1000, pooled=True)
+    with db.pooled_cursor(pool) as cur:
+        assert queries.add_stock(cur, 5, 1)[3] == STOCK5 + 1
+        cur.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cur.fetchone() == (0,)
