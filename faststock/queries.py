@@ -50,56 +50,13 @@ def local_statement_timeout(milliseconds: int) -> str:
     return f"SET LOCAL statement_timeout = {int(milliseconds)}; "
 
 
-@statement
-def ping(cur: Cursor) -> None:
-    cur.execute("SELECT 1")
-    cur.fetchone()
-
-
-@statement
-def fetch_product(cur: Cursor, product_id: int) -> ProductRow | None:
-    cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = %s", (product_id,))
-    return cur.fetchone()
-
-
-@statement
-def fetch_products(cur: Cursor, ids: Sequence[int]) -> list[ProductRow]:
-    cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(%s)", (list(ids),))
-    return cur.fetchall()
-
-
-@statement
-def fetch_page(cur: Cursor, limit: int, offset: int) -> list[ProductRow]:
-    cur.execute(
-        f"SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id LIMIT %s OFFSET %s", (limit, offset)
-    )
-    return cur.fetchall()
-
-
-@statement
-def wal_position(cur: Cursor) -> int:
-    """On the primary: where its WAL ends now, as a byte position. Read after a commit, it is at
-    or past that commit's record whatever `synchronous_commit` says (the insert position, not the
-    written or flushed one), so a replica that has replayed this far has the commit."""
-    cur.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
-    return int(cur.fetchone()[0])
-
-
-@statement
-def replay_position(cur: Cursor) -> int | None:
-    """On a replica: how far it has replayed the primary's WAL (None: not a replica). Every
-    statement that starts after this one sees every commit up to there."""
-    cur.execute("SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")
-    value = cur.fetchone()[0]
-    return None if value is None else int(value)
-
-
 class Prepared:
     """A statement PostgreSQL parses and plans once per connection, then only executes.
 
-    A stock change is one long statement (the update and its outbox record): sent as text,
-    PostgreSQL parsed and planned it on every write, which was a third of the database's CPU
-    time a write (docs/performance.md). `template` holds `{name}` where each parameter goes.
+    Sent as text, a statement is parsed and planned on every run: that was a third of the
+    database's CPU time a stock change (one long statement, the update and its outbox record),
+    and half of a miss's primary-key read or a keyed write's claim (docs/performance.md).
+    `template` holds `{name}` where each parameter goes.
     Prepared on a connection's first use, and only where the session is ours from one
     statement to the next (`prepares` on db.py's cursors): through a transaction pooler, or on
     any other cursor, the same statement is sent as text. PREPARE is not transactional, so a
@@ -125,6 +82,62 @@ class Prepared:
             cur.execute(self.prepare)
             self._prepared_on.add(conn)
         cur.execute(self.execute, values)
+
+
+@statement
+def ping(cur: Cursor) -> None:
+    cur.execute("SELECT 1")
+    cur.fetchone()
+
+
+_FETCH_PRODUCT = Prepared(
+    "faststock_fetch_product",
+    f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = {{id}}",
+    (("id", "bigint"),),
+)
+
+
+@statement
+def fetch_product(cur: Cursor, product_id: int) -> ProductRow | None:
+    _FETCH_PRODUCT.run(cur, {"id": product_id})
+    return cur.fetchone()
+
+
+@statement
+def fetch_products(cur: Cursor, ids: Sequence[int]) -> list[ProductRow]:
+    cur.execute(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(%s)", (list(ids),))
+    return cur.fetchall()
+
+
+_FETCH_PAGE = Prepared(
+    "faststock_fetch_page",
+    f"SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id LIMIT {{limit}} OFFSET {{offset}}",
+    (("limit", "bigint"), ("offset", "bigint")),
+)
+
+
+@statement
+def fetch_page(cur: Cursor, limit: int, offset: int) -> list[ProductRow]:
+    _FETCH_PAGE.run(cur, {"limit": limit, "offset": offset})
+    return cur.fetchall()
+
+
+@statement
+def wal_position(cur: Cursor) -> int:
+    """On the primary: where its WAL ends now, as a byte position. Read after a commit, it is at
+    or past that commit's record whatever `synchronous_commit` says (the insert position, not the
+    written or flushed one), so a replica that has replayed this far has the commit."""
+    cur.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+    return int(cur.fetchone()[0])
+
+
+@statement
+def replay_position(cur: Cursor) -> int | None:
+    """On a replica: how far it has replayed the primary's WAL (None: not a replica). Every
+    statement that starts after this one sees every commit up to there."""
+    cur.execute("SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")
+    value = cur.fetchone()[0]
+    return None if value is None else int(value)
 
 
 # Every stock change records its product in cache_outbox in the same statement, so the change
@@ -172,14 +185,41 @@ def add_stock(cur: Cursor, product_id: int, delta: int) -> ProductRow | None:
     return cur.fetchone()
 
 
+_FETCH_STOCK = Prepared(
+    "faststock_fetch_stock", "SELECT stock FROM products WHERE id = {id}", (("id", "bigint"),)
+)
+
+
 @statement
 def fetch_stock(cur: Cursor, product_id: int) -> int | None:
-    cur.execute("SELECT stock FROM products WHERE id = %s", (product_id,))
+    _FETCH_STOCK.run(cur, {"id": product_id})
     row = cur.fetchone()
     return None if row is None else row[0]
 
 
 IDEMPOTENCY_TTL = "24 hours"
+
+
+_CLAIM_KEY = Prepared(
+    "faststock_claim_key",
+    f"""
+    WITH expired AS (
+        DELETE FROM idempotency_keys WHERE (client, key) IN (
+            SELECT client, key FROM idempotency_keys
+            WHERE created_at < now() - interval '{IDEMPOTENCY_TTL}'
+                AND (client, key) <> ({{client}}, {{key}})
+            ORDER BY created_at LIMIT 20 FOR UPDATE SKIP LOCKED
+        )
+    )
+    INSERT INTO idempotency_keys AS k (client, key, fingerprint, status, body)
+    VALUES ({{client}}, {{key}}, {{fingerprint}}, 0, '')
+    ON CONFLICT (client, key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, status = 0, body = '', created_at = now()
+        WHERE k.created_at < now() - interval '{IDEMPOTENCY_TTL}'
+    RETURNING 1
+    """,
+    (("client", "text"), ("key", "text"), ("fingerprint", "bytea")),
+)
 
 
 @statement
@@ -191,45 +231,37 @@ def claim_idempotency_key(cur: Cursor, client: str, key: str, fingerprint: bytes
     or rolls back (then True). Each call also deletes a few expired keys, so the table stays
     bounded without a cron job.
     """
-    cur.execute(
-        f"""
-        WITH expired AS (
-            DELETE FROM idempotency_keys WHERE (client, key) IN (
-                SELECT client, key FROM idempotency_keys
-                WHERE created_at < now() - interval '{IDEMPOTENCY_TTL}'
-                    AND (client, key) <> (%(client)s, %(key)s)
-                ORDER BY created_at LIMIT 20 FOR UPDATE SKIP LOCKED
-            )
-        )
-        INSERT INTO idempotency_keys AS k (client, key, fingerprint, status, body)
-        VALUES (%(client)s, %(key)s, %(fingerprint)s, 0, '')
-        ON CONFLICT (client, key) DO UPDATE
-            SET fingerprint = EXCLUDED.fingerprint, status = 0, body = '', created_at = now()
-            WHERE k.created_at < now() - interval '{IDEMPOTENCY_TTL}'
-        RETURNING 1
-        """,
-        {"client": client, "key": key, "fingerprint": fingerprint},
-    )
+    _CLAIM_KEY.run(cur, {"client": client, "key": key, "fingerprint": fingerprint})
     return cur.fetchone() is not None
+
+
+_FETCH_KEY = Prepared(
+    "faststock_fetch_key",
+    "SELECT fingerprint, status, body FROM idempotency_keys "
+    "WHERE client = {client} AND key = {key}",
+    (("client", "text"), ("key", "text")),
+)
 
 
 @statement
 def fetch_idempotency_record(cur: Cursor, client: str, key: str) -> tuple[bytes, int, bytes] | None:
     """(fingerprint, status, body) stored for `key` in `client`'s scope."""
-    cur.execute(
-        "SELECT fingerprint, status, body FROM idempotency_keys WHERE client = %s AND key = %s",
-        (client, key),
-    )
+    _FETCH_KEY.run(cur, {"client": client, "key": key})
     row = cur.fetchone()
     return None if row is None else (bytes(row[0]), row[1], bytes(row[2]))
 
 
+_STORE_ANSWER = Prepared(
+    "faststock_store_answer",
+    "UPDATE idempotency_keys SET status = {status}, body = {body} "
+    "WHERE client = {client} AND key = {key}",
+    (("status", "smallint"), ("body", "bytea"), ("client", "text"), ("key", "text")),
+)
+
+
 @statement
 def store_idempotent_answer(cur: Cursor, client: str, key: str, status: int, body: bytes) -> None:
-    cur.execute(
-        "UPDATE idempotency_keys SET status = %s, body = %s WHERE client = %s AND key = %s",
-        (status, body, client, key),
-    )
+    _STORE_ANSWER.run(cur, {"status": status, "body": body, "client": client, "key": key})
 
 
 @statement

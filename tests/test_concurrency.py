@@ -20,11 +20,14 @@ FETCH_PRODUCT = f"SELECT {queries.PRODUCT_COLUMNS} FROM products WHERE id = $1"
 
 
 def statement_calls(sql, query: str) -> int:
+    """How many times `query` ran, sent as text or prepared: pg_stat_statements counts the runs
+    of a prepared statement under its PREPARE (queries.Prepared)."""
     try:
         rows = sql(
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
-            "WHERE query = %s AND dbid = (SELECT oid FROM pg_database "
-            "WHERE datname = current_database())",
+            "WHERE (query = %s OR query LIKE 'PREPARE %% AS ' || %s) "
+            "AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            query,
             query,
         )
     except psycopg2.Error as exc:

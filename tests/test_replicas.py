@@ -27,7 +27,8 @@ pytestmark = pytest.mark.live
 
 PRODUCTS = 100
 # The read statements of queries.py as pg_stat_statements shows them: every one, by id, a page.
-ANY_READ = "SELECT id, name, price::text, stock, version, updated_at FROM products %"
+# Each is counted under its PREPARE where it is prepared (queries.Prepared), hence the first %.
+ANY_READ = "%SELECT id, name, price::text, stock, version, updated_at FROM products %"
 PRODUCT_READ = ANY_READ[:-1] + "WHERE id = $1"
 PAGE_READ = ANY_READ + "ORDER BY id%"
 

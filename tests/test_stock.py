@@ -7,6 +7,7 @@ import pytest
 from faststock.seed import product_row
 
 STOCK5 = product_row(5)[3]
+STOCK6 = product_row(6)[3]
 
 
 def post(client, product_id, body, key=None, **headers):
@@ -295,13 +296,28 @@ def _prepared(app) -> dict[str, int]:
     return dict(_on_app_connection(app, query))
 
 
-def test_stock_changes_are_prepared_once_per_connection_and_reused(app, client, changes):
+def test_statements_are_prepared_once_per_connection_and_reused(app, client, changes):
     assert post(client, 5, {"delta": 2}).status_code == 200
     assert post(client, 5, {"delta": -1}).status_code == 200
     assert post(client, 5, {"stock": 40}).status_code == 200
     assert post(client, 6, {"delta": 1}, key="prepared-in-a-transaction").status_code == 200
+    assert post(client, 6, {"delta": 1}, key="prepared-in-a-transaction").status_code == 200
+    assert post(client, 404, {"delta": -1}).status_code == 404
+    assert client.get("/api/products/7").headers["X-Cache"] == "MISS"
+    assert client.get("/api/products/8").headers["X-Cache"] == "MISS"
+    assert client.get("/api/products?page=3&limit=5").headers["X-Cache"] == "MISS"
     assert changes(5) == (40, 3)
-    assert _prepared(app) == {"faststock_add_stock": 3, "faststock_set_stock": 1}
+    assert changes(6)[0] == STOCK6 + 1  # the retry was replayed, not applied again
+    assert _prepared(app) == {
+        "faststock_add_stock": 4,  # the 404 too
+        "faststock_set_stock": 1,
+        "faststock_claim_key": 2,
+        "faststock_store_answer": 1,
+        "faststock_fetch_key": 1,  # the retry's stored answer
+        "faststock_fetch_stock": 1,  # why the 404's change found no row
+        "faststock_fetch_product": 3,  # two misses, and the replayed success's current row
+        "faststock_fetch_page": 1,
+    }
 
 
 def test_a_new_connection_prepares_again(app, client, sql):
