@@ -323,9 +323,10 @@ def test_statements_are_prepared_once_per_connection_and_reused(app, client, cha
 def test_a_new_connection_prepares_again(app, client, sql):
     assert post(client, 5, {"delta": 1}).status_code == 200
     # The server ends the pooled connection's backend (a restart, an admin): the pool replaces
-    # the connection, and the statement is prepared on the new one, not assumed.
+    # the connection, and the statement is prepared on the new one, not assumed. The timeout
+    # makes pg_terminate_backend wait until the backend has gone (PostgreSQL 14 and later).
     [(backend,)] = _on_app_connection(app, "SELECT pg_backend_pid()")
-    assert sql("SELECT pg_terminate_backend(%s)", backend) == [(True,)]
+    assert sql("SELECT pg_terminate_backend(%s, 10000)", backend) == [(True,)]
     assert post(client, 5, {"delta": 1}).get_json()["stock"] == STOCK5 + 2
     assert _prepared(app) == {"faststock_add_stock": 1}
 
